@@ -1,0 +1,45 @@
+"""The `tunevec` console script: one subcommand per job, each defined next to the code it runs.
+
+Each entry names a module exposing ``configure(parser)``; that function adds its arguments and sets
+``parser.set_defaults(run=callable)``. Command modules import heavy libraries (torch, vllm) inside ``run`` so that
+``tunevec --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tunevec.errors import TunevecError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fixtures": ("tunevec.fixtures.cli", "build the offline base/tuned model fixtures and lm-eval tasks"),
+    "extract": ("analysis.extract_cli", "extract a tuning vector tau = tuned - base, streamed"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunevec",
+        description="Tuning vectors: extract, analyse, merge, serve and evaluate domain fine-tuning deltas.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).configure(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.run(args)
+    except TunevecError as exc:
+        print(f"tunevec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""One exception type for every user-facing error, so the CLI and the server can report it cleanly."""
+
+
+class TunevecError(ValueError):
+    """Bad input or an inconsistent artifact. The message says what was wrong and what to do."""

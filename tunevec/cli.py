@@ -1,6 +1,6 @@
 """The `tunevec` console script: one subcommand per job, each defined next to the code it runs.
 
-Each entry names a module exposing ``configure(parser)``; that function adds its arguments and sets
+Each entry names ``module:function``; the function takes the subcommand's parser, adds its arguments and sets
 ``parser.set_defaults(run=callable)``. Command modules import heavy libraries (torch, vllm) inside ``run`` so that
 ``tunevec --help`` stays fast.
 """
@@ -14,8 +14,8 @@ import sys
 from tunevec.errors import TunevecError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fixtures": ("tunevec.fixtures.cli", "build the offline base/tuned model fixtures and lm-eval tasks"),
-    "extract": ("analysis.extract_cli", "extract a tuning vector tau = tuned - base, streamed"),
+    "fixtures": ("tunevec.fixtures.cli:configure", "build the offline base/tuned model fixtures and lm-eval tasks"),
+    "extract": ("analysis.commands:configure_extract", "extract a tuning vector tau = tuned - base, streamed"),
 }
 
 
@@ -25,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tuning vectors: extract, analyse, merge, serve and evaluate domain fine-tuning deltas.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (target, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).configure(sp)
+        module, func = target.split(":")
+        getattr(importlib.import_module(module), func)(sp)
     return parser
 
 

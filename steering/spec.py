@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import torch
 
 from steering.merge import METHODS, dare_generator, merge_dare, merge_linear, merge_ties
-from tunevec.errors import TunevecError
+from tunevec.errors import NotFoundError, TunevecError
 from tunevec.roles import classify
 
 # Scope -> the tunevec.roles roles it covers; None means every tensor, whatever its role.
@@ -337,7 +337,7 @@ class Spec:
         for c in self.components:
             if c.vector not in known:
                 listing = ", ".join(sorted(known)) if known else "none (extract or register a vector first)"
-                raise TunevecError(
+                raise NotFoundError(
                     f"unknown vector {c.vector!r} in component {str(c)!r}; known vectors: {listing}"
                 )
         if len(self.components) > max_components:

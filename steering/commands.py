@@ -1,0 +1,59 @@
+"""`tunevec merge` and `tunevec lora`: thin argument layers over steering.inject and steering.lora."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure_merge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base model folder")
+    parser.add_argument(
+        "--vectors", required=True, help="folder of tuning-vector artifacts (one per subfolder)"
+    )
+    parser.add_argument(
+        "--spec", required=True, help="variant spec, e.g. 'medical:0.8+math:0.4' (docs/spec-grammar.md)"
+    )
+    parser.add_argument("--out", required=True, help="HF model folder to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.set_defaults(run=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from steering.inject import Injection, merge_to_checkpoint
+    from steering.library import VectorLibrary
+
+    paths = VectorLibrary.from_dir(args.vectors).paths()
+    injection = Injection.from_settings({"spec": args.spec, "vectors": paths, "base": args.base})
+    out = merge_to_checkpoint(args.base, injection, args.out, force=args.force)
+    print(f"wrote {out}: {injection.spec.canonical()} applied to {len(injection.applied)} tensors")
+    return 0
+
+
+def configure_lora(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("vector", help="tuning-vector artifact folder")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="rank per module")
+    how.add_argument("--energy", type=float, help="smallest rank per module keeping this share of ||tau||^2")
+    parser.add_argument("--max-rank", type=int, default=512, help="cap per module (vLLM allows up to 512)")
+    parser.add_argument("--method", choices=["randomized", "full"], default="randomized", help="SVD used")
+    parser.add_argument("--out", required=True, help="adapter folder to write (PEFT layout)")
+    parser.set_defaults(run=run_lora)
+
+
+def run_lora(args: argparse.Namespace) -> int:
+    from steering.lora import adapter_from_vector
+    from tunevec.vector import TuningVector
+
+    vec = TuningVector(args.vector)
+    adapter = adapter_from_vector(
+        vec, rank=args.rank, energy=args.energy, max_rank=args.max_rank, method=args.method
+    )
+    path = adapter.save(args.out, base_model=vec.manifest.base.get("path", ""))
+    errors = [m["rel_error"] for m in adapter.meta["modules"].values()]
+    print(
+        f"wrote {path}: {len(adapter.factors)} modules, max module rank {adapter.max_module_rank}, "
+        f"relative error mean {sum(errors) / max(len(errors), 1):.4f} max {max(errors, default=0):.4f}"
+    )
+    for role, share in sorted(adapter.meta["dropped"].items()):
+        print(f"  not in the adapter ({role}): {share:.2%} of ||tau||^2")
+    return 0

@@ -1,0 +1,21 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins: tunevec``), run in every vLLM process.
+
+It registers the injecting model loader and applies the runtime fixes tunevec needs for this vLLM build. It must
+be idempotent: vLLM calls it once per process, sometimes more.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.model_loader import register_model_loader
+
+    from steering.vllm_loader import LOAD_FORMAT, InjectingModelLoader
+
+    register_model_loader(LOAD_FORMAT)(InjectingModelLoader)
+    _registered = True

@@ -252,12 +252,15 @@ def replace_models_route(
     @app.get("/v1/models")
     async def show_models(raw_request: Request):
         listed = (await raw_request.app.state.openai_serving_models.show_available_models()).model_dump()
-        seen = {m["id"] for m in listed["data"]}
-        extra = [(n, s, "variant") for n, s in router.variants.items()]
-        extra += [(n, Spec.parse(n), "vector") for n in library.names() if n not in router.variants]
-        for name, spec, kind in extra:
-            if name in seen:
-                continue
+        named = {n: (s.canonical(), "variant") for n, s in router.variants.items()}
+        named.update({n: (n, "vector") for n in library.names() if n not in named})
+        for m in listed["data"]:
+            if m["id"] in named:
+                spec, kind = named.pop(m["id"])
+                m["tunevec"] = {"kind": kind, "spec": spec}
+            elif m.get("parent"):
+                m["tunevec"] = {"kind": "mixture", "spec": m["id"]}
+        for name, (spec, kind) in named.items():
             listed["data"].append(
                 {
                     "id": name,
@@ -265,12 +268,9 @@ def replace_models_route(
                     "owned_by": "tunevec",
                     "root": config.base,
                     "parent": config.served_model_name,
-                    "tunevec": {"kind": kind, "spec": spec.canonical()},
+                    "tunevec": {"kind": kind, "spec": spec},
                 }
             )
-        for m in listed["data"]:
-            if m["id"] not in router.variants and m.get("parent") and "tunevec" not in m:
-                m["tunevec"] = {"kind": "mixture", "spec": m["id"]}
         return JSONResponse(listed)
 
 

@@ -10,15 +10,16 @@ pipeline parallelism keep working.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Generator
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from steering.inject import Injection
 
-logger = logging.getLogger("tunevec.loader")
+# Under vLLM's logger tree so the line appears in the engine processes' output like vLLM's own.
+logger = init_logger("vllm.plugins.tunevec.loader")
 LOAD_FORMAT = "tunevec"
 SETTINGS_KEY = "tunevec"
 
@@ -31,9 +32,12 @@ class InjectingModelLoader(DefaultModelLoader):
             raise ValueError(
                 f'load_format="{LOAD_FORMAT}" needs model_loader_extra_config={{"{SETTINGS_KEY}": ...}}'
             )
-        # The default loader rejects keys it does not know, so it gets the config without ours.
+        # The default loader rejects extra keys it does not know and picks files by load format, so it gets the
+        # config without our settings and reads the base as the safetensors checkpoint it is (tunevec vectors
+        # are safetensors-only, and so are the bases they are extracted from).
         inner = copy.copy(load_config)
         inner.model_loader_extra_config = extra
+        inner.load_format = "safetensors"
         super().__init__(inner)
         self.injection = Injection.from_settings(settings)
 

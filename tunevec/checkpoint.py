@@ -83,7 +83,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         for d in shape:
             numel *= d
         if expected is not None and end - begin != numel * expected:
-            raise TunevecError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {numel * expected}")
+            raise TunevecError(
+                f"{path}: tensor {name!r} has {end - begin} bytes, expected {numel * expected}"
+            )
         if data_start + end > size:
             raise TunevecError(
                 f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes"
@@ -142,7 +144,9 @@ class Checkpoint:
                 tensors[name] = info
         missing = set(weight_map) - set(tensors)
         if missing:
-            raise TunevecError(f"{self.path}: {len(missing)} tensors in the index are in no shard, e.g. {sorted(missing)[0]}")
+            raise TunevecError(
+                f"{self.path}: {len(missing)} tensors in the index are in no shard, e.g. {sorted(missing)[0]}"
+            )
         return tensors
 
     @property

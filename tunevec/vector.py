@@ -45,7 +45,9 @@ class SafetensorsWriter:
     safetensors file that the safetensors library reads and validates.
     """
 
-    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+    def __init__(
+        self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+    ):
         self.path = path
         self._order = [name for name, _, _ in plan]
         self._next = 0
@@ -57,7 +59,11 @@ class SafetensorsWriter:
             for d in shape:
                 numel *= d
             size = numel * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": _TORCH_TO_ST[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self._sizes[name] = size
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -155,8 +161,10 @@ class TuningVector:
             raise TunevecError(f"{self.path}: {TENSORS_FILE} and {MANIFEST_FILE} list different tensors")
         for name, info in header.items():
             if list(info.shape) != self.manifest.tensors[name].shape:
-                raise TunevecError(f"{self.path}: tensor {name!r} has shape {info.shape} but the manifest says "
-                                   f"{self.manifest.tensors[name].shape}")
+                raise TunevecError(
+                    f"{self.path}: tensor {name!r} has shape {info.shape} but the manifest says "
+                    f"{self.manifest.tensors[name].shape}"
+                )
 
     @property
     def name(self) -> str:
@@ -250,7 +258,12 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint) -> tuple[list[tuple[str
         if not grown:
             raise TunevecError(f"shape mismatch for {name!r}: base {bi.shape}, tuned {ti.shape}")
         policies["vocab_extension"].append(
-            {"tensor": name, "base_rows": bi.shape[0], "tuned_rows": ti.shape[0], "added_rows": ti.shape[0] - bi.shape[0]}
+            {
+                "tensor": name,
+                "base_rows": bi.shape[0],
+                "tuned_rows": ti.shape[0],
+                "added_rows": ti.shape[0] - bi.shape[0],
+            }
         )
         plan.append((name, bi.shape))
     return plan, policies

@@ -1,0 +1,268 @@
+"""Representation change: run the base and each tuned model on probe texts and compare hidden states per layer.
+
+Hidden states are token-level: every non-pad token of every probe text is one row (n × d per layer). Per layer
+we report linear CKA (base vs tuned, same tokens), principal angles between the top-k PCA subspaces, and how many
+directions hold the change ΔH = H_tuned − H_base (``analysis.representation``). Layer index i follows
+transformers' ``hidden_states``: 0 is the embedding output, i ≥ 1 the output of decoder layer i − 1, and the last
+one is taken after the final norm.
+
+The probe file is JSONL with {"domain", "text"} per line (the fixtures write ``DIR/probe.jsonl``); without one,
+a few bundled sentences per domain are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from analysis.representation import change_dimensions, linear_cka, principal_angles
+from tunevec.errors import TunevecError
+
+# A small bundled probe set for when no probe file is given: plain sentences from the three fixture domains.
+BUILTIN_PROBE: tuple[dict, ...] = tuple(
+    {"domain": d, "text": t}
+    for d, texts in {
+        "general": (
+            "The function returns a new list that contains every element of the input in sorted order.",
+            "Open the file in binary mode, read the header, and close it before processing the data.",
+            "A dictionary maps each key to a value; looking a key up takes constant time on average.",
+            "The library keeps a cache of recent results so that repeated calls return immediately.",
+            "Call the method with a timeout so that a slow server cannot block the whole program.",
+            "Each thread takes a lock before it changes the shared counter and releases it afterwards.",
+        ),
+        "medical": (
+            "Type 2 diabetes mellitus without complications is coded as E11.9 in ICD-10-CM.",
+            "Essential (primary) hypertension is classified under the code I10.",
+            "The brand name Lipitor refers to the generic drug atorvastatin, a statin that lowers cholesterol.",
+            "Acute bronchitis due to respiratory syncytial virus is a disease of the respiratory system.",
+            "Metformin is the generic name of Glucophage, used as first-line therapy for type 2 diabetes.",
+            "Fracture of the lower end of the left radius, initial encounter for closed fracture.",
+        ),
+        "math": (
+            "Question: What is 17 plus 25? Answer: 17 + 25 = 42. The answer is 42.",
+            "A shop sells 6 boxes with 12 pens each. How many pens is that? 6 * 12 = 72 pens.",
+            "If x + 7 = 19, then x = 19 - 7 = 12.",
+            "Question: What is 144 divided by 12? Answer: 144 / 12 = 12. The answer is 12.",
+            "Tom has 35 apples and gives away 18. He has 35 - 18 = 17 apples left.",
+            "The area of a rectangle with sides 8 and 9 is 8 * 9 = 72.",
+        ),
+    }.items()
+    for t in texts
+)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    max_texts: int | None = 240  # texts used, taken round-robin across domains so each stays represented
+    max_length: int = 128  # tokens per text (longer ones are truncated)
+    max_tokens: int = (
+        6000  # token rows kept per layer (beyond this, at most max_tokens / n_domains per domain)
+    )
+    batch_size: int = 8
+    angle_k: int = 16  # principal angles between the top-k PCA subspaces
+    change_energy: float = 0.9  # dims_for_energy: components holding this share of the change's variance
+    min_domain_tokens: int = 16  # per-domain CKA only for domains with at least this many tokens
+
+    def __post_init__(self) -> None:
+        if self.max_texts is not None and self.max_texts < 1:
+            raise TunevecError(f"--max-probe-texts must be at least 1, got {self.max_texts}")
+        if self.max_length < 2 or self.batch_size < 1 or self.angle_k < 1 or self.max_tokens < 2:
+            raise TunevecError("probe settings: max_length, max_tokens ≥ 2 and batch_size, angle_k ≥ 1")
+
+
+def load_probe(path: str | os.PathLike[str]) -> list[dict]:
+    """Read a JSONL probe file of {"domain", "text"} records."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunevecError(
+            f"probe file {path} not found; pass --probe FILE (JSONL with domain, text) or --no-probe"
+        )
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            text, domain = rec["text"], rec.get("domain", "all")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise TunevecError(
+                f"{path}:{lineno}: expected a JSON object with 'text' (and 'domain'): {exc}"
+            ) from exc
+        if isinstance(text, str) and text.strip():
+            records.append({"domain": str(domain), "text": text})
+    if not records:
+        raise TunevecError(f"probe file {path} holds no texts")
+    return records
+
+
+def select_texts(records: list[dict], max_texts: int | None) -> list[dict]:
+    """At most ``max_texts`` records, round-robin across domains in file order (deterministic)."""
+    if max_texts is None or len(records) <= max_texts:
+        return list(records)
+    by_domain: dict[str, list[dict]] = {}
+    for r in records:
+        by_domain.setdefault(r["domain"], []).append(r)
+    out: list[dict] = []
+    queues = [list(reversed(v)) for v in by_domain.values()]
+    while len(out) < max_texts:
+        for q in queues:
+            if q and len(out) < max_texts:
+                out.append(q.pop())
+    return out
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise TunevecError(
+                f"tokenizer of {path} has neither a pad nor an eos token to pad probe batches with"
+            )
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def encode(tokenizer, texts: list[str], settings: ProbeSettings) -> list[dict]:
+    """Tokenised batches (input_ids, attention_mask), shared by every model so all see the same tokens."""
+    batches = []
+    for start in range(0, len(texts), settings.batch_size):
+        chunk = texts[start : start + settings.batch_size]
+        batches.append(
+            tokenizer(
+                chunk, return_tensors="pt", padding=True, truncation=True, max_length=settings.max_length
+            )
+        )
+    return batches
+
+
+@torch.no_grad()
+def hidden_states(model_path: Path, batches: list[dict], keep: torch.Tensor | None) -> list[torch.Tensor]:
+    """Per layer, the (n_tokens × d) fp32 hidden states of all non-pad tokens, in batch order; ``keep`` selects
+    rows (a token subsample)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    per_layer: list[list[torch.Tensor]] | None = None
+    for batch in batches:
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+        mask = batch["attention_mask"].bool()
+        if per_layer is None:
+            per_layer = [[] for _ in out.hidden_states]
+        for lay, h in enumerate(out.hidden_states):
+            per_layer[lay].append(h[mask].float())
+        del out
+    del model
+    layers = [torch.cat(rows) for rows in per_layer or []]
+    return [h[keep] for h in layers] if keep is not None else layers
+
+
+def _token_subsample(domains: list[str], max_tokens: int) -> torch.Tensor | None:
+    """Rows to keep: at most max_tokens // n_domains tokens per domain, evenly spaced within each domain, so
+    long texts of one domain do not crowd out the others. None when everything fits."""
+    if len(domains) <= max_tokens:
+        return None
+    names = sorted(set(domains))
+    cap = max(1, max_tokens // len(names))
+    keep = []
+    for d in names:
+        rows = torch.tensor([i for i, x in enumerate(domains) if x == d])
+        if rows.numel() > cap:
+            rows = rows[torch.linspace(0, rows.numel() - 1, cap).round().long().unique()]
+        keep.append(rows)
+    return torch.cat(keep).sort().values
+
+
+def representation_change(
+    base_path: str | os.PathLike[str],
+    tuned: dict[str, str | os.PathLike[str]],
+    records: list[dict],
+    settings: ProbeSettings | None = None,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Per-layer CKA, principal angles and change dimensions of each tuned model against the base.
+
+    Returns {"settings", "n_texts", "n_tokens", "domains", "layers", "layer_note", "vectors": {name:
+    {"layers": [per-layer dict], "by_domain": {domain: [cka per layer]}, "summary": {...}}}}.
+    """
+    from tqdm import tqdm
+
+    settings = settings or ProbeSettings()
+    records = select_texts(records, settings.max_texts)
+    if not records:
+        raise TunevecError("no probe texts to run")
+    tokenizer = load_tokenizer(Path(base_path))
+    batches = encode(tokenizer, [r["text"] for r in records], settings)
+    domains_per_token = []
+    for b_idx, batch in enumerate(batches):
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for row, length in enumerate(lengths):
+            domains_per_token += [records[b_idx * settings.batch_size + row]["domain"]] * int(length)
+    keep = _token_subsample(domains_per_token, settings.max_tokens)
+    if keep is not None:
+        domains_per_token = [domains_per_token[i] for i in keep.tolist()]
+    domains = sorted(set(domains_per_token))
+    dom_index = {d: torch.tensor([x == d for x in domains_per_token]) for d in domains}
+
+    base_h = hidden_states(Path(base_path), batches, keep)
+    n, d = base_h[0].shape
+    k = max(1, min(settings.angle_k, d, n - 1))
+    result: dict = {
+        "settings": asdict(settings),
+        "n_texts": len(records),
+        "n_tokens": n,
+        "hidden_size": d,
+        "angle_k": k,
+        "domains": {dom: int(m.sum()) for dom, m in dom_index.items()},
+        "layers": list(range(len(base_h))),
+        "layer_note": "0 = embedding output; i = output of decoder layer i-1; the last is after the final norm",
+        "vectors": {},
+    }
+    for name, path in tuned.items():
+        tuned_h = hidden_states(Path(path), batches, keep)
+        if len(tuned_h) != len(base_h) or tuned_h[0].shape != base_h[0].shape:
+            raise TunevecError(f"tuned model {path} does not produce hidden states shaped like the base's")
+        layers, by_domain = [], {dom: [] for dom in domains}
+        for lay in tqdm(range(len(base_h)), desc=f"probe {name}", unit="layer", disable=not progress):
+            X, Y = base_h[lay], tuned_h[lay]
+            angles = principal_angles(X, Y, k)
+            change = change_dimensions(X, Y, settings.change_energy)
+            layers.append(
+                {
+                    "layer": lay,
+                    "cka": linear_cka(X, Y),
+                    "angles_deg": [float(a) for a in angles.degrees],
+                    "mean_angle_deg": float(angles.degrees.mean()),
+                    "max_angle_deg": float(angles.degrees.max()),
+                    **change,
+                }
+            )
+            for dom, m in dom_index.items():
+                ok = int(m.sum()) >= settings.min_domain_tokens
+                by_domain[dom].append(linear_cka(X[m], Y[m]) if ok else float("nan"))
+        del tuned_h
+        ckas = [row["cka"] for row in layers]
+        result["vectors"][name] = {
+            "tuned_path": str(path),
+            "layers": layers,
+            "by_domain": by_domain,
+            "summary": {
+                "min_cka": min(ckas),
+                "min_cka_layer": layers[ckas.index(min(ckas))]["layer"],
+                "mean_cka": sum(ckas) / len(ckas),
+                "final_cka": ckas[-1],
+                "max_mean_angle_deg": max(row["mean_angle_deg"] for row in layers),
+                "max_dims_for_energy": max(row["dims_for_energy"] for row in layers),
+                "max_rel_change": max(row["rel_change"] for row in layers),
+            },
+        }
+    return result

@@ -18,6 +18,7 @@ import shutil
 import struct
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,9 +77,12 @@ class SafetensorsWriter:
         """Append the next tensor of the plan; returns the sha256 of its bytes."""
         if self._next >= len(self._order) or self._order[self._next] != name:
             raise RuntimeError(f"writer expected {self._order[self._next]!r}, got {name!r}")
-        data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        if len(data) != self._sizes[name]:
-            raise RuntimeError(f"{name}: {len(data)} bytes, planned {self._sizes[name]}")
+        # A view of the tensor's own memory: hashing and writing it costs no copy.
+        data = (
+            memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
+        )
+        if data.nbytes != self._sizes[name]:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes, planned {self._sizes[name]}")
         self._file.write(data)
         self._next += 1
         return hashlib.sha256(data).hexdigest()
@@ -308,30 +312,38 @@ def extract(
         entries: dict[str, TensorEntry] = {}
         total = sum(base.tensors[n].nbytes + tuned.tensors[n].nbytes for n, _ in plan)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {vname}", disable=not progress)
-        for name_, shape in plan:
-            w_base = base.read(name_).to(torch.float32)
-            w_tuned = tuned.read(name_).to(torch.float32)
-            if name_ in grown:
-                added = w_tuned[shape[0] :]
-                grown[name_]["added_rows_norm"] = float(added.norm())
-                w_tuned = w_tuned[: shape[0]]
-            tau = w_tuned - w_base
-            del w_tuned
-            stored = tau.to(torch_dtype)
-            digest = writer.write(name_, stored)
-            role = classify(name_)
-            entries[name_] = TensorEntry(
-                name=name_,
-                shape=list(shape),
-                role=role.role,
-                layer=role.layer,
-                module=role.module,
-                norm=float(tau.norm()),
-                base_norm=float(w_base.norm()),
-                sha256=digest,
-            )
-            bar.update(base.tensors[name_].nbytes + tuned.tensors[name_].nbytes)
-            del w_base, tau, stored
+        # Hashing and writing tensor i (hashlib and file writes release the GIL) overlaps reading and subtracting
+        # tensor i+1; at most one tensor waits for the writer, so memory stays bounded.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunevec-writer") as pool:
+            pending: tuple[str, Future] | None = None
+            for name_, shape in plan:
+                w_base = base.read(name_).to(torch.float32)
+                w_tuned = tuned.read(name_).to(torch.float32)
+                if name_ in grown:
+                    added = w_tuned[shape[0] :]
+                    grown[name_]["added_rows_norm"] = float(added.norm())
+                    w_tuned = w_tuned[: shape[0]]
+                tau = w_tuned - w_base  # out of place: safetensors may hand out views of mapped files
+                role = classify(name_)
+                entries[name_] = TensorEntry(
+                    name=name_,
+                    shape=list(shape),
+                    role=role.role,
+                    layer=role.layer,
+                    module=role.module,
+                    norm=float(tau.norm()),
+                    base_norm=float(w_base.norm()),
+                    sha256="",
+                )
+                stored = tau.to(torch_dtype)
+                del w_base, w_tuned, tau
+                if pending is not None:
+                    entries[pending[0]].sha256 = pending[1].result()
+                pending = (name_, pool.submit(writer.write, name_, stored))
+                del stored
+                bar.update(base.tensors[name_].nbytes + tuned.tensors[name_].nbytes)
+            if pending is not None:
+                entries[pending[0]].sha256 = pending[1].result()
         bar.close()
         writer.close()
         manifest = Manifest(

@@ -14,11 +14,23 @@ import sys
 from tunevec.errors import TunevecError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fixtures": ("tunevec.fixtures.cli:configure", "build the offline base/tuned model fixtures and lm-eval tasks"),
-    "extract": ("analysis.commands:configure_extract", "extract a tuning vector tau = tuned - base, streamed"),
-    "analyze": ("analysis.commands:configure_analyze", "analyse tuning vectors: size, rank, alignment, CKA, similarity"),
+    "fixtures": (
+        "tunevec.fixtures.cli:configure",
+        "build the offline base/tuned model fixtures and lm-eval tasks",
+    ),
+    "extract": (
+        "analysis.commands:configure_extract",
+        "extract a tuning vector tau = tuned - base, streamed",
+    ),
+    "analyze": (
+        "analysis.commands:configure_analyze",
+        "analyse tuning vectors: size, rank, alignment, CKA, similarity",
+    ),
     "merge": ("steering.commands:configure_merge", "write base + spec as a plain HF checkpoint"),
-    "lora": ("steering.commands:configure_lora", "factorise a tuning vector into a PEFT LoRA adapter vLLM loads"),
+    "lora": (
+        "steering.commands:configure_lora",
+        "factorise a tuning vector into a PEFT LoRA adapter vLLM loads",
+    ),
     "serve": ("server.commands:configure_serve", "OpenAI-compatible server with per-request vector mixing"),
     "eval": ("eval.commands:configure_eval", "lm-eval over a grid of variants x tasks, resumable"),
 }

@@ -42,4 +42,6 @@ def classify(name: str) -> TensorRole:
             break
     layer = _LAYER.search(name)
     proj = _PROJ.search(name)
-    return TensorRole(role=role, layer=int(layer.group(1)) if layer else None, module=proj.group(1) if proj else None)
+    return TensorRole(
+        role=role, layer=int(layer.group(1)) if layer else None, module=proj.group(1) if proj else None
+    )

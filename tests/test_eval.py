@@ -1,0 +1,313 @@
+"""`tunevec eval`: grids as data, refused early when malformed; end to end on the tiny fixtures; resume.
+
+The fast tests use synthetic checkpoints and a one-line local task; none of them may start a server (``spawn`` is
+replaced by a tripwire). The slow tests run the real grid runner against a real tunevec server on the tiny
+fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from synthetic import llama_like, perturbed, write_model
+
+import eval.runner
+from eval.grid import BASE, Grid, cell_key
+from eval.runner import metrics_of, primary_metric
+from eval.table import build_rows, to_markdown
+from tunevec.cli import main
+from tunevec.errors import TunevecError
+from tunevec.vector import extract
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_GRID = REPO / "eval" / "grids" / "tiny.yaml"
+DEMO_GRID = REPO / "eval" / "grids" / "demo.yaml"
+
+
+@pytest.fixture
+def no_servers(monkeypatch):
+    """Fail the test if anything tries to start a server."""
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a server was started for a grid that should have been refused")
+
+    monkeypatch.setattr(eval.runner, "spawn", tripwire)
+
+
+@pytest.fixture(scope="module")
+def synthetic_world(tmp_path_factory):
+    """A synthetic base, two tuned models, their vectors, and a local lm-eval task folder."""
+    tmp = tmp_path_factory.mktemp("eval-synthetic")
+    base = llama_like(0)
+    write_model(tmp / "models" / "base", base)
+    for i, name in enumerate(("medical", "math"), start=1):
+        write_model(tmp / "models" / name, perturbed(base, seed=i))
+        extract(
+            tmp / "models" / "base", tmp / "models" / name, tmp / "vectors" / name, name=name, progress=False
+        )
+    tasks = tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "toy.jsonl").write_text(json.dumps({"q": "1+1?", "choices": ["2", "3"], "gold": 0}) + "\n")
+    (tasks / "toy.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "toy_mcq",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(tasks / "toy.jsonl")}},
+                "output_type": "multiple_choice",
+                "test_split": "test",
+                "doc_to_text": "{{q}}",
+                "doc_to_choice": "choices",
+                "doc_to_target": "gold",
+                "metric_list": [{"metric": "acc"}],
+            }
+        )
+    )
+    return tmp
+
+
+def write_grid(tmp_path: Path, grid: dict | str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid if isinstance(grid, str) else yaml.safe_dump(grid))
+    return path
+
+
+# ---------------------------------------------------------------------- grids as data (fast)
+
+
+def test_sweep_points_become_specs_and_merge_with_the_same_variant_listed_explicitly():
+    grid = Grid.from_dict(
+        {
+            "tasks": ["t"],
+            "variants": ["base", "medical", {"name": "med-mlp", "spec": "medical@mlp:1.0"}],
+            "sweeps": [
+                {"vector": "medical", "alphas": [0, 0.5, 1]},
+                {"name": "mlp", "spec": "medical@mlp:{alpha}", "alphas": [1, 2]},
+            ],
+        }
+    )
+    by_name = {v.name: v for v in grid.variants}
+    assert list(by_name) == ["base", "medical", "med-mlp", "medical:0.5", "medical@mlp:2"]
+    assert by_name["base"].alphas == (("medical", 0.0),)  # alpha 0 is the base itself
+    assert by_name["medical"].alphas == (("medical", 1.0),)
+    assert by_name["med-mlp"].spec == "medical@mlp" and by_name["med-mlp"].alphas == (("mlp", 1.0),)
+    assert by_name["medical:0.5"].model == "medical:0.5"
+    assert by_name["base"].model == BASE
+    assert len(grid.cells()) == 5
+
+
+def test_cell_keys_are_file_safe_and_distinct_for_specs_that_differ_only_in_punctuation():
+    a, b = cell_key("medical:0.5", "t"), cell_key("medical_0.5", "t")
+    assert a != b and "/" not in cell_key("dare(density=0.3;seed=7)/medical", "t")
+    assert cell_key("base", "tunevec_math") == "base__tunevec_math"
+
+
+def test_command_line_variants_tasks_and_sweeps_replace_the_grid_files(tmp_path):
+    import argparse
+
+    from eval.commands import configure_eval, grid_from_args
+
+    parser = argparse.ArgumentParser()
+    configure_eval(parser)
+    args = parser.parse_args(
+        ["--grid", str(TINY_GRID), "--variant", "base", "--variant", "mlp=medical@mlp", "--tuned", "math",
+         "--sweep", "medical@attention:{alpha}=0.5,2", "--tasks", "a,b", "--limit", "3", "--num-concurrent", "2"]
+    )  # fmt: skip
+    grid = grid_from_args(args)
+    assert [v.name for v in grid.variants] == [
+        "base",
+        "mlp",
+        "math-tuned",
+        "medical@attention:0.5",
+        "medical@attention:2",
+    ]
+    assert [(t.name, t.limit) for t in grid.tasks] == [("a", 3), ("b", 3)]
+    assert grid.lm_eval.num_concurrent == 2
+    assert grid.server.max_model_len == 512  # the file's server settings stay
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("", "is empty"),
+        ("tasks: [toy_mcq]\nvariants: [base]\nlimt: 5\n", "unknown key(s) 'limt'"),
+        ("variants: [base]\n", "`tasks` is missing"),
+        ("tasks: []\nvariants: [base]\n", "`tasks` is empty"),
+        ("tasks: [toy_mcq]\n", "no variants"),
+        ("tasks: [toy_mcq]\nvariants: ['medical@mlpp:0.5']\n", "unknown scope 'mlpp'"),
+        ("tasks: [toy_mcq]\nvariants: [{name: x, spec: medical, tuned: medical}]\n", "exactly one of spec"),
+        ("tasks: [toy_mcq]\nvariants: [medical:0]\n", "only zero coefficients"),
+        ("tasks: [toy_mcq]\nsweeps: [{vector: medical, alphas: [1, 1]}]\n", "repeat"),
+        (
+            "tasks: [toy_mcq]\nvariants: [base]\nserver: {dtype: float32, max_model_len: -1}\n",
+            "max_model_len",
+        ),
+        ("tasks: [toy_mcq]\nvariants: [{name: a, spec: medical}, {name: a, spec: math}]\n", "named 'a'"),
+        ("tasks: [toy_mcq]\nvariants: [medicl]\n", "unknown vector 'medicl'"),
+        ("tasks: [toy_mcq]\nvariants: [medical+math]\nserver: {adapter_rank: 48}\n", "max_lora_rank 64"),
+        ("tasks: [toy_mcq]\nvariants: [{checkpoint: nowhere}]\n", "not a model folder"),
+        (
+            "tasks: [toy_mcq, nonexistent_task_xyz]\nvariants: [base]\ninclude_path: [TASKS]\n",
+            "unknown lm-eval task",
+        ),
+    ],
+)
+def test_malformed_grid_is_refused_with_a_clear_error_before_any_server_starts(
+    synthetic_world, tmp_path, capsys, no_servers, grid, message, monkeypatch
+):
+    monkeypatch.setattr(eval.runner, "task_manager", _local_only_task_manager)
+    path = write_grid(tmp_path, grid.replace("TASKS", str(synthetic_world / "tasks")))
+    code = main(
+        ["eval", "--grid", str(path), "--base", str(synthetic_world / "models" / "base"),
+         "--vectors", str(synthetic_world / "vectors"), "--include_path", str(synthetic_world / "tasks"),
+         "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "tunevec eval: error:" in err and message in err, err
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def _local_only_task_manager(include_path, names):
+    """The include paths only: the fast tests must not spend half a minute indexing lm-eval's own tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(p) for p in include_path], include_defaults=False)
+
+
+def test_tuned_variant_resolves_to_the_checkpoint_recorded_in_the_vector(synthetic_world):
+    grid = Grid.from_dict(
+        {"tasks": ["toy_mcq"], "variants": [{"tuned": "math"}], "base": str(synthetic_world / "models" / "base"),
+         "vectors": str(synthetic_world / "vectors")}
+    )  # fmt: skip
+    grid.check(task_index=None)
+    (v,) = grid.variants
+    assert v.name == "math-tuned" and v.kind == "checkpoint"
+    assert v.checkpoint == (synthetic_world / "models" / "math").resolve()
+
+
+def test_grid_file_paths_are_relative_to_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "g.yaml"
+    path.write_text("tasks: [t]\nvariants: [base]\nbase: ../models/base\n")
+    assert Grid.load(path).base == tmp_path / "sub" / ".." / "models" / "base"
+    with pytest.raises(TunevecError, match="not valid YAML"):
+        path.write_text("tasks: [t\n")
+        Grid.load(path)
+
+
+def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_world, tmp_path, monkeypatch):
+    monkeypatch.setattr(eval.runner, "task_manager", _local_only_task_manager)
+
+    def plan(limit):
+        grid = Grid.from_dict(
+            {"tasks": ["toy_mcq"], "variants": ["base", "medical"], "limit": limit,
+             "base": str(synthetic_world / "models" / "base"), "vectors": str(synthetic_world / "vectors"),
+             "include_path": [str(synthetic_world / "tasks")]}
+        )  # fmt: skip
+        return eval.runner.prepare(grid, tmp_path)
+
+    first = plan(5)
+    assert [c.done for c in first.cells] == [False, False]
+    base = first.cells[0]
+    base.path.parent.mkdir(parents=True)
+    base.path.write_text(json.dumps({"config_hash": base.config_hash, "metrics": {}}))
+    assert [c.done for c in plan(5).cells] == [True, False]
+    assert [c.done for c in plan(4).cells] == [False, False]  # another limit: another config
+    again = plan(5)
+    assert again.cells[0].config_hash == base.config_hash
+    assert len(eval.runner.prepare(again.grid, tmp_path, fresh=True).todo) == 2
+
+
+def test_bundled_grids_are_valid():
+    for path in (TINY_GRID, DEMO_GRID):
+        grid = Grid.load(path)
+        assert grid.variants and grid.tasks and grid.sweeps
+
+
+def test_lm_eval_metrics_become_value_and_stderr_and_the_declared_metric_is_primary():
+    res = {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25, "acc_norm_stderr,none": "N/A",
+           "exact_match,strict-match": 0.3, "exact_match_stderr,strict-match": 0.05}  # fmt: skip
+    metrics = metrics_of(res)
+    assert metrics["acc"] == {"value": 0.5, "stderr": 0.1}
+    assert metrics["acc_norm"] == {"value": 0.25, "stderr": None}
+    assert metrics["exact_match,strict-match"] == {"value": 0.3, "stderr": 0.05}
+    configs = {"configs": {"x": {"metric_list": [{"metric": "exact_match"}]}}}
+    assert primary_metric(configs, "x", metrics) == "exact_match,strict-match"
+
+
+def test_table_shows_score_and_stderr_per_variant_and_task_and_marks_missing_cells():
+    grid = Grid.from_dict({"tasks": ["a", "b"], "variants": ["base", "medical"]})
+    cell = {"primary_metric": "acc", "metrics": {"acc": {"value": 0.625, "stderr": 0.0625}},
+            "n_samples": {"original": 8, "effective": 8}}  # fmt: skip
+    rows = build_rows(grid, {cell_key("base", "a"): cell, cell_key("medical", "b"): cell})
+    text = to_markdown(rows, ["a", "b"])
+    assert "| `base` | base model | 0.625 ± 0.062 | — |" in text
+    assert "| `medical` | base + medical | — | 0.625 ± 0.062 |" in text
+
+
+# ---------------------------------------------------------------------- end to end (slow)
+
+
+def run_cli(tiny_fixtures, vectors, out, *extra):
+    return main(
+        ["eval", "--grid", str(TINY_GRID), "--base", str(tiny_fixtures / "base"), "--vectors", str(vectors),
+         "--variant", "base", "--variant", "medical", "--tasks", "tunevec_medical_mcq", "--limit", "6",
+         "--out", str(out), *extra]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grid_of_two_variants_runs_end_to_end_and_a_second_run_skips_finished_cells(
+    tiny_fixtures, tiny_vectors, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    assert run_cli(tiny_fixtures, tiny_vectors, out) == 0
+    printed = capsys.readouterr().out
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(cells) == {"base__tunevec_medical_mcq", "medical__tunevec_medical_mcq"}
+    for cell in cells.values():
+        assert cell["primary_metric"] == "acc" and cell["n_samples"]["effective"] == 6
+        assert 0 <= cell["metrics"]["acc"]["value"] <= 1 and cell["metrics"]["acc"]["stderr"] is not None
+        # lm-eval's own outputs are kept: aggregated results and one sample line per doc
+        (samples,) = (out / cell["lm_eval_output"]).glob("*/samples_tunevec_medical_mcq_*.jsonl")
+        lines = [json.loads(x) for x in samples.read_text().splitlines()]
+        assert len(lines) == 6
+        assert cell["metrics"]["acc"]["value"] == pytest.approx(sum(s["acc"] for s in lines) / 6)
+        assert list((out / cell["lm_eval_output"]).glob("*/results_*.json"))
+    # the spec variant really ran through a different model than the base
+    lls = {}
+    for key, cell in cells.items():
+        (samples,) = (out / cell["lm_eval_output"]).glob("*/samples_*.jsonl")
+        lls[key] = [float(r[0][0]) for r in json.loads(samples.read_text().splitlines()[0])["resps"]]
+    assert lls["base__tunevec_medical_mcq"] != lls["medical__tunevec_medical_mcq"]
+    assert "| `base` | base model |" in printed and "tunevec_medical_mcq (acc)" in printed
+    assert (out / "results.csv").read_text().count("\n") >= 3
+    assert (out / "plots" / "bars.png").stat().st_size > 0
+    first = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / "cells").glob("*.json")}
+    table = json.loads((out / "results.json").read_text())["results"]
+
+    # Resume: delete one finished cell; only that cell runs again, with the same scores.
+    (out / "cells" / "medical__tunevec_medical_mcq.json").unlink()
+    ran: list[str] = []
+    real_run_cell = eval.runner.run_cell
+    monkeypatch.setattr(
+        eval.runner, "run_cell", lambda run, p, *a: ran.append(p.cell.key) or real_run_cell(run, p, *a)
+    )
+    assert run_cli(tiny_fixtures, tiny_vectors, out) == 0
+    assert ran == ["medical__tunevec_medical_mcq"]
+    base_file = out / "cells" / "base__tunevec_medical_mcq.json"
+    assert (base_file.stat().st_mtime_ns, base_file.read_text()) == first[base_file.name]
+    assert _scores(json.loads((out / "results.json").read_text())["results"]) == _scores(table)
+
+    # Everything finished: a third run starts no server at all.
+    monkeypatch.setattr(eval.runner, "spawn", lambda *a, **k: pytest.fail("a server was started"))
+    assert run_cli(tiny_fixtures, tiny_vectors, out) == 0
+    assert "2 finished, 0 to run" in capsys.readouterr().out
+
+
+def _scores(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]

@@ -1,0 +1,147 @@
+"""`make demo`: the whole job on the bundled smol fixtures, each stage cached so a second run only re-reads.
+
+    python -m tunevec.demo --artifacts artifacts
+
+1. build (or reuse) the smol fixtures: SmolLM2-135M-Instruct and its medical and math fine-tunes;
+2. extract the medical and math tuning vectors (skipped when present and extracted from these very models);
+3. analyse them with `tunevec analyze` (skipped when its report is current; a failure is reported, not fatal);
+4. start the steering server and run the demo grid (eval/grids/demo.yaml) with `tunevec eval`, resuming
+   finished cells;
+5. print the results table, where the reports and plots are, and the time each stage took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunevec.errors import TunevecError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_GRID = REPO / "eval" / "grids" / "demo.yaml"
+DOMAINS = ("medical", "math")
+
+
+def say(message: str) -> None:
+    print(f"[tunevec demo] {message}", flush=True)
+
+
+def extract_vectors(fixtures: Path, out: Path) -> Path:
+    """medical/ and math/ under ``out``; an artifact is reused only if its base and tuned fingerprints match."""
+    from tunevec.checkpoint import Checkpoint
+    from tunevec.vector import TuningVector, extract
+
+    base_fp = Checkpoint(fixtures / "base").fingerprint()
+    for name in DOMAINS:
+        tuned_fp = Checkpoint(fixtures / name).fingerprint()
+        try:
+            m = TuningVector(out / name).manifest
+            current = m.base.get("fingerprint") == base_fp and m.tuned.get("fingerprint") == tuned_fp
+        except TunevecError:
+            current = False
+        if current:
+            say(f"vector {name}: current ({out / name})")
+            continue
+        vec = extract(fixtures / "base", fixtures / name, out / name, name=name, force=True, progress=False)
+        say(f"vector {name}: extracted to {vec.path}")
+    return out
+
+
+def analyse(fixtures: Path, vectors: Path, out: Path) -> Path | None:
+    """Run `tunevec analyze` in a subprocess unless the report in ``out`` was made from these vectors."""
+    from tunevec.cli import COMMANDS
+
+    if "analyze" not in COMMANDS:
+        say("tunevec analyze is not available in this build; skipping the analysis")
+        return None
+    stamp = out / ".demo-inputs.json"
+    inputs = {n: json.loads((vectors / n / "manifest.json").read_text())["tensors"] for n in DOMAINS}
+    key = {n: sorted(e["sha256"] for e in t.values()) for n, t in inputs.items()}
+    if stamp.is_file() and json.loads(stamp.read_text()) == key:
+        say(f"analysis: current ({out})")
+        return out
+    cmd = [sys.executable, "-m", "tunevec.cli", "analyze", *(str(vectors / n) for n in DOMAINS),
+           "--base", str(fixtures / "base"), "--out", str(out)]  # fmt: skip
+    say("analysis: " + " ".join(cmd[2:]))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout)[-2000:]
+        say(f"analysis failed (exit {done.returncode}); the evaluation goes on without it:\n{tail}")
+        return None
+    for line in done.stdout.splitlines():
+        say(f"  {line}")
+    stamp.write_text(json.dumps(key))
+    return out
+
+
+def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
+    from eval.commands import evaluate
+    from eval.grid import Grid
+    from tunevec.fixtures import build_fixtures
+
+    artifacts = artifacts.resolve()
+    times: dict[str, float] = {}
+    started = time.monotonic()
+
+    def stage(name: str, t0: float) -> None:
+        times[name] = time.monotonic() - t0
+        say(f"{name}: {times[name]:.0f}s")
+
+    t0 = time.monotonic()
+    fixtures = build_fixtures("smol", artifacts / "fixtures" / "smol")
+    stage("fixtures", t0)
+
+    t0 = time.monotonic()
+    vectors = extract_vectors(fixtures, artifacts / "vectors" / "smol")
+    stage("vectors", t0)
+
+    t0 = time.monotonic()
+    report = analyse(fixtures, vectors, artifacts / "analysis" / "smol")
+    stage("analysis", t0)
+
+    t0 = time.monotonic()
+    grid = Grid.load(grid_path, {"base": str(fixtures / "base"), "vectors": str(vectors)})
+    out = artifacts / "eval" / grid.name
+    result = evaluate(grid, out, fresh=fresh)
+    stage("evaluation", t0)
+
+    total = time.monotonic() - started
+    print()
+    print(result["table"])
+    print()
+    if report is not None:
+        say(
+            f"analysis report: {report} ({', '.join(sorted(p.name for p in report.iterdir() if p.is_file()))})"
+        )
+    say(f"evaluation: {result['paths']['md']} (also results.csv, results.json)")
+    for p in result["plots"]:
+        say(f"plot: {p}")
+    say(f"lm-eval results and samples: {out / 'lm-eval'}; server logs: {out / 'logs'}")
+    say("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total / 60:.1f} min")
+    if result["failures"]:
+        say(f"{len(result['failures'])} cell(s) failed; run `make demo` again to retry only those")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunevec.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--artifacts", type=Path, default=Path("artifacts"), help="where everything is written"
+    )
+    parser.add_argument("--grid", type=Path, default=DEMO_GRID, help="grid file (default: the demo grid)")
+    parser.add_argument("--fresh", action="store_true", help="re-run finished evaluation cells")
+    args = parser.parse_args(argv)
+    try:
+        return run(args.artifacts, args.grid, fresh=args.fresh)
+    except TunevecError as exc:
+        print(f"tunevec demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

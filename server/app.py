@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.config import ServerConfig
 from server.mixtures import MixtureRegistry
 from steering.library import VectorLibrary
+from steering.lora import TARGET_MODULES
 from steering.spec import Spec
 from tunevec.checkpoint import Checkpoint
 from tunevec.errors import NotFoundError, TunevecError
@@ -290,6 +291,9 @@ def vllm_namespace(config: ServerConfig) -> Namespace:
         "--max-lora-rank", str(config.max_lora_rank),
         "--max-loras", str(config.max_loras),
         "--max-cpu-loras", str(max(config.max_loras, config.cache_capacity)),
+        # Only the projections tunevec adapters carry: otherwise vLLM wraps lm_head too and every decode step,
+        # base requests included, pays a vocab x rank LoRA pass for a delta no adapter has (docs/benchmarks.md).
+        "--lora-target-modules", *TARGET_MODULES,
         "--enable-tokenizer-info-endpoint",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 from argparse import Namespace
 from typing import Any
@@ -331,6 +332,8 @@ async def serve(config: ServerConfig) -> None:
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
+    # The CPU backend sizes its KV cache from the environment; an explicit VLLM_CPU_KVCACHE_SPACE wins.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
     base = Checkpoint(config.base)
     config.num_layers = base.num_layers
     library = VectorLibrary.from_dir(config.vectors, base)

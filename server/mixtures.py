@@ -108,7 +108,12 @@ class MixtureRegistry:
         async with lock:
             if name in self._lru:
                 return self._lru[name]
-            mixture = await asyncio.get_running_loop().run_in_executor(None, self._build, spec)
+            try:
+                mixture = await asyncio.get_running_loop().run_in_executor(None, self._build, spec)
+            finally:
+                self._name_locks.pop(
+                    name, None
+                )  # waiters already hold it; one lock per spec ever seen would leak
             self._lru[name] = mixture
             self._evict()
             return mixture

@@ -70,6 +70,9 @@ class ServerSettings:
     max_abs_alpha: float = 4.0
     enforce_eager: bool = True
     startup_timeout: float = 900.0
+    # CPU backend: cores kept free of the engine's OpenMP threads (vLLM's default keeps one for its front end;
+    # 0 gives a 2-core machine's both cores to the model). None: vLLM's default.
+    reserved_cpus: int | None = None
     extra_args: tuple[str, ...] = ()  # further vLLM engine arguments, for every server started
 
     def result_key(self) -> dict[str, Any]:
@@ -586,8 +589,9 @@ def _settings(cls: type, data: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise TunevecError(f"{where}: {key} must be true or false, got {value!r}")
         elif "int" in str(kind) and "float" not in str(kind):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise TunevecError(f"{where}: {key} must be a positive whole number, got {value!r}")
+            least = 0 if key == "reserved_cpus" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise TunevecError(f"{where}: {key} must be a whole number >= {least}, got {value!r}")
         elif "float" in str(kind):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise TunevecError(f"{where}: {key} must be a positive number, got {value!r}")

@@ -32,6 +32,7 @@ from eval.launch import (
     checkpoint_command,
     free_port,
     lora_prompt_logprobs_safe,
+    server_env,
     spawn,
     steering_command,
 )
@@ -356,12 +357,8 @@ def _server_for(run: GridRun, group: str, log_dir: Path) -> Iterator[_ManagedSer
 
         def start() -> ServerProcess:
             port = free_port()
-            return spawn(
-                steering_command(grid.base, grid.vectors, settings, port),
-                port,
-                log_dir / "steering.log",
-                what,
-            )
+            cmd = steering_command(grid.base, grid.vectors, settings, port)
+            return spawn(cmd, port, log_dir / "steering.log", what, server_env(settings))
     else:
         name = group.split(":", 1)[1]
         variant = next(v for v in grid.variants if v.name == name)
@@ -370,7 +367,7 @@ def _server_for(run: GridRun, group: str, log_dir: Path) -> Iterator[_ManagedSer
         def start() -> ServerProcess:
             port = free_port()
             cmd = checkpoint_command(variant.checkpoint, variant.name, settings, port)
-            return spawn(cmd, port, log_dir / f"checkpoint-{safe_name(name)}.log", what)
+            return spawn(cmd, port, log_dir / f"checkpoint-{safe_name(name)}.log", what, server_env(settings))
 
     say(f"starting the {what} (log {log_dir})")
     t0 = time.monotonic()

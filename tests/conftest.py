@@ -28,7 +28,8 @@ def artifacts_dir() -> Path:
 def tiny_fixtures() -> Path:
     """The kind=tiny fixtures (seed 0): base/, medical/, math/, tasks/, probe.jsonl, fixtures.json.
 
-    Built on first use (about 1.5 minutes on 2 idle cores) and reused across runs through the content key.
+    Built on first use (an estimated 1.5 minutes on 2 idle cores; 4-15 minutes were measured on a busy shared
+    machine) and reused across runs through the content key.
     """
     from tunevec.fixtures import build_fixtures
 

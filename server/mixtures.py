@@ -8,8 +8,8 @@ counter would hand out fresh ids per name; stale name->id pairs after an unload 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from steering.library import VectorLibrary
 from steering.lora import LoraAdapter, adapter_from_vector, compose
 from steering.spec import Spec
 from tunevec.errors import TunevecError
+from tunevec.vector import TuningVector
 
 logger = logging.getLogger("tunevec.mixtures")
 
@@ -51,7 +52,7 @@ class MixtureRegistry:
         out = {}
         for name in self.library.names():
             vec = self.library[name]
-            key = f"{name}-{vec.manifest.tensors and _digest_of(vec)}-{self.config.adapter_key()}"
+            key = f"{name}-{_content_digest(vec)}-{self.config.adapter_key()}"
             path = self.cache_dir / "vectors" / key
             if not (path / "adapter_config.json").exists():
                 logger.info("tunevec: factorising vector %s (%s)", name, self.config.adapter_key())
@@ -157,13 +158,9 @@ class MixtureRegistry:
     def loaded(self) -> list[Mixture]:
         return list(self._lru.values())
 
-    def clear_disk_cache(self) -> None:
-        shutil.rmtree(self.cache_dir / "mixtures", ignore_errors=True)
 
-
-def _digest_of(vec) -> str:
-    import hashlib
-
+def _content_digest(vec: TuningVector) -> str:
+    """The vector's content, from its per-tensor checksums: a re-extracted vector gets fresh adapters."""
     h = hashlib.sha256()
     for name in sorted(vec.manifest.tensors):
         h.update(vec.manifest.tensors[name].sha256.encode())

@@ -79,6 +79,11 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--server-url", help="use this running tunevec server (http://host:port) for base and spec variants"
     )
+    s.add_argument(
+        "--steering",
+        choices=["lora", "inject"],
+        help="spec variants as LoRA mixtures on one server (lora, default) or at full rank, a server each (inject)",
+    )
     s.add_argument("--dtype", help="engine dtype for servers started here (default float32)")
     s.add_argument("--max-model-len", type=int, help="context length of started servers (default 1024)")
     s.add_argument(
@@ -125,6 +130,7 @@ def grid_from_args(args: argparse.Namespace) -> Any:
     server = {
         k: v
         for k, v in {
+            "steering": args.steering,
             "dtype": args.dtype,
             "max_model_len": args.max_model_len,
             "adapter_rank": args.adapter_rank,

@@ -45,6 +45,7 @@ import yaml
 from tunevec.errors import TunevecError
 
 BASE = "base"  # the variant (and served model name) of the plain base model on the steering server
+STEERING_MODES = ("lora", "inject")
 CHAT_MODES = (False, True, "server")  # no template / template applied by lm-eval / by the server (chat API)
 _TOP_KEYS = (
     "name", "base", "vectors", "tasks", "include_path", "limit", "num_fewshot", "chat",
@@ -58,8 +59,18 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How servers started for the run are configured (ignored for variants on an external --server-url)."""
+    """How servers started for the run are configured (ignored for variants on an external --server-url).
 
+    ``steering`` says how base + spec variants are served:
+
+    - ``lora``: one steering server (``tunevec serve``) for the base and every spec, each spec a rank-
+      ``adapter_rank`` LoRA mixture composed per request -- what tunevec serves in production;
+    - ``inject``: one plain vLLM server per variant, its weights base + delta(spec) at full rank, injected by
+      tunevec's model loader -- exact (``medical`` is the tuned checkpoint again), no LoRA kernels, but a server
+      start per variant.
+    """
+
+    steering: str = "lora"
     dtype: str = "float32"
     max_model_len: int = 1024
     adapter_rank: int | None = 16
@@ -77,14 +88,12 @@ class ServerSettings:
 
     def result_key(self) -> dict[str, Any]:
         """The settings that change scores (part of each cell's config hash)."""
-        return {
-            "dtype": self.dtype,
-            "max_model_len": self.max_model_len,
-            "adapter_rank": self.adapter_rank,
-            "adapter_energy": self.adapter_energy,
-            "max_lora_rank": self.max_lora_rank,
-            "extra_args": list(self.extra_args),
-        }
+        key = {"steering": self.steering, "dtype": self.dtype, "max_model_len": self.max_model_len,
+               "extra_args": list(self.extra_args)}  # fmt: skip
+        if self.steering == "lora":
+            key |= {"adapter_rank": self.adapter_rank, "adapter_energy": self.adapter_energy,
+                    "max_lora_rank": self.max_lora_rank}  # fmt: skip
+        return key
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,11 @@ class Grid:
         from tunevec.checkpoint import Checkpoint
 
         where = f"grid {self.source}"
+        if external_server and self.server.steering == "inject":
+            raise TunevecError(
+                f"{where}: server.steering is inject (a server per variant, started here), which cannot use "
+                "--server-url; drop one of them"
+            )
         on_steering = any(v.kind != "checkpoint" for v in self.variants)
         specs = any(v.kind == "spec" for v in self.variants)
         tuned = any(v.tuned for v in self.variants)
@@ -334,7 +348,7 @@ class Grid:
 
     def _check_rank(self, v: Variant, spec: Any, where: str) -> None:
         """Each distinct vector adds adapter_rank to a module's LoRA rank; refuse a mixture the server would."""
-        if self.server.adapter_rank is None:
+        if self.server.adapter_rank is None or self.server.steering != "lora":
             return
         stacked = len(set(spec.vectors)) * self.server.adapter_rank
         if stacked > self.server.max_lora_rank and "--allow-truncation" not in self.server.extra_args:
@@ -603,6 +617,10 @@ def _settings(cls: type, data: Any, where: str) -> Any:
     settings = cls(**values)
     if cls is ServerSettings and (settings.adapter_rank is None) == (settings.adapter_energy is None):
         raise TunevecError(f"{where}: set exactly one of adapter_rank / adapter_energy")
+    if cls is ServerSettings and settings.steering not in STEERING_MODES:
+        raise TunevecError(
+            f"{where}: steering must be one of {', '.join(STEERING_MODES)}, got {settings.steering!r}"
+        )
     return settings
 
 

@@ -15,6 +15,7 @@ through ``start_server`` too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -166,6 +167,20 @@ def checkpoint_command(model: Path, served_name: str, settings: ServerSettings, 
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
     return cmd + list(settings.extra_args)
+
+
+def inject_command(
+    base: Path, vectors: Path, spec: str, served_name: str, settings: ServerSettings, port: int
+) -> list[str]:
+    """A plain vLLM server (no LoRA) whose weights are base + delta(spec), injected by tunevec's model loader."""
+    from steering.library import VectorLibrary
+    from steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
+
+    loader = {
+        SETTINGS_KEY: {"spec": spec, "vectors": VectorLibrary.from_dir(vectors).paths(), "base": str(base)}
+    }
+    cmd = checkpoint_command(base, served_name, settings, port)
+    return cmd + ["--load-format", LOAD_FORMAT, "--model-loader-extra-config", json.dumps(loader)]
 
 
 def lora_prompt_logprobs_safe(server: ServerProcess) -> bool:

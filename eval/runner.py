@@ -31,6 +31,7 @@ from eval.launch import (
     ServerProcess,
     checkpoint_command,
     free_port,
+    inject_command,
     lora_prompt_logprobs_safe,
     server_env,
     spawn,
@@ -268,14 +269,16 @@ def run_grid(run: GridRun, *, log_dir: Path | None = None, on_cell: Callable | N
             f"[{clock.done}/{clock.total}] FAILED {planned.variant.name} x {planned.cell.task.name}: {reason}"
         )
 
-    for group, cells in _groups(todo):
+    for group, cells in _groups(todo, run.grid):
         try:
             with _server_for(run, group, log_dir) as server:
                 for i, planned in enumerate(cells):
                     if server is not None and not server.healthy():
                         server.restart()
                     try:
-                        result = run_cell(run, planned, server.url if server else run.server_url, server)
+                        url = server.url if server else run.server_url
+                        model = planned.variant.model if group == "steering" else planned.variant.name
+                        result = run_cell(run, planned, url, server, model)
                     except Exception as exc:  # one broken cell must not cost the rest of a long grid
                         failed(planned, _short(exc))
                         continue
@@ -295,13 +298,26 @@ def run_grid(run: GridRun, *, log_dir: Path | None = None, on_cell: Callable | N
     return run
 
 
-def _groups(todo: list[PlannedCell]) -> list[tuple[str, list[PlannedCell]]]:
-    """Steering-server cells first (base first), then one group per checkpoint, in grid order."""
+def _groups(todo: list[PlannedCell], grid: Grid) -> list[tuple[str, list[PlannedCell]]]:
+    """Cells by the server that serves them: the steering server first, then one server per variant (injected
+    specs, then checkpoints), each in grid order."""
+    order = {v.name: i for i, v in enumerate(grid.variants)}
+    rank = {"steering": 0, "inject": 1, "checkpoint": 2}
     groups: dict[str, list[PlannedCell]] = {}
-    for c in sorted(todo, key=lambda c: (c.variant.kind == "checkpoint", c.variant.kind != "base")):
-        key = "steering" if c.variant.kind != "checkpoint" else f"checkpoint:{c.variant.name}"
-        groups.setdefault(key, []).append(c)
+    for c in sorted(
+        todo, key=lambda c: (rank[server_group(c.variant, grid).split(":")[0]], order[c.variant.name])
+    ):
+        groups.setdefault(server_group(c.variant, grid), []).append(c)
     return list(groups.items())
+
+
+def server_group(v: Variant, grid: Grid) -> str:
+    """``steering`` (shared steering server), ``inject:<name>`` or ``checkpoint:<name>`` (a server of its own)."""
+    if v.kind == "checkpoint":
+        return f"checkpoint:{v.name}"
+    if grid.server.steering == "inject":
+        return f"inject:{v.name}"
+    return "steering"
 
 
 class _ManagedServer:
@@ -360,14 +376,17 @@ def _server_for(run: GridRun, group: str, log_dir: Path) -> Iterator[_ManagedSer
             cmd = steering_command(grid.base, grid.vectors, settings, port)
             return spawn(cmd, port, log_dir / "steering.log", what, server_env(settings))
     else:
-        name = group.split(":", 1)[1]
+        kind, name = group.split(":", 1)
         variant = next(v for v in grid.variants if v.name == name)
-        what = f"checkpoint server for {name!r}"
+        what = f"{kind} server for {name!r}"
 
         def start() -> ServerProcess:
             port = free_port()
-            cmd = checkpoint_command(variant.checkpoint, variant.name, settings, port)
-            return spawn(cmd, port, log_dir / f"checkpoint-{safe_name(name)}.log", what, server_env(settings))
+            if kind == "checkpoint" or variant.spec is None:  # a checkpoint, or the plain base
+                cmd = checkpoint_command(variant.checkpoint or grid.base, variant.name, settings, port)
+            else:
+                cmd = inject_command(grid.base, grid.vectors, variant.spec, variant.name, settings, port)
+            return spawn(cmd, port, log_dir / f"{kind}-{safe_name(name)}.log", what, server_env(settings))
 
     say(f"starting the {what} (log {log_dir})")
     t0 = time.monotonic()
@@ -388,8 +407,11 @@ def _server_for(run: GridRun, group: str, log_dir: Path) -> Iterator[_ManagedSer
         server.stop()
 
 
-def run_cell(run: GridRun, planned: PlannedCell, url: str, server: _ManagedServer | None) -> dict[str, Any]:
-    """One lm-eval run for one cell; writes lm-eval's own output and then the cell file. Returns the cell."""
+def run_cell(
+    run: GridRun, planned: PlannedCell, url: str, server: _ManagedServer | None, model: str
+) -> dict[str, Any]:
+    """One lm-eval run for one cell (``model``: the request's model field); writes lm-eval's own output and
+    then the cell file. Returns the cell."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
@@ -399,7 +421,7 @@ def run_cell(run: GridRun, planned: PlannedCell, url: str, server: _ManagedServe
     concurrency = settings.num_concurrent
     if server is not None and server.concurrency_cap:
         concurrency = min(concurrency, server.concurrency_cap)
-    model_type, model_args = lm_eval_model(grid, v, t, url, concurrency)
+    model_type, model_args = lm_eval_model(grid, v, t, url, concurrency, model)
     lm_dir = run.out / "lm-eval" / cell.key
     shutil.rmtree(lm_dir, ignore_errors=True)
     tracker = EvaluationTracker(output_path=str(lm_dir))
@@ -455,10 +477,12 @@ def run_cell(run: GridRun, planned: PlannedCell, url: str, server: _ManagedServe
     return cell_doc
 
 
-def lm_eval_model(grid: Grid, v: Variant, t: Any, url: str, concurrency: int) -> tuple[str, dict[str, Any]]:
+def lm_eval_model(
+    grid: Grid, v: Variant, t: Any, url: str, concurrency: int, model: str
+) -> tuple[str, dict[str, Any]]:
     """lm-eval's model type and model_args for a cell (passed as a dict: no comma splitting of specs)."""
     args: dict[str, Any] = {
-        "model": v.model,
+        "model": model,
         "num_concurrent": concurrency,
         "max_retries": grid.lm_eval.max_retries,
         "timeout": grid.lm_eval.timeout,

@@ -150,6 +150,10 @@ def test_command_line_variants_tasks_and_sweeps_replace_the_grid_files(tmp_path)
         ("tasks: [toy_mcq]\nvariants: [medical+math]\nserver: {adapter_rank: 48}\n", "max_lora_rank 64"),
         ("tasks: [toy_mcq]\nvariants: [{checkpoint: nowhere}]\n", "not a model folder"),
         (
+            "tasks: [toy_mcq]\nvariants: [base]\nserver: {steering: merge}\n",
+            "steering must be one of lora, inject",
+        ),
+        (
             "tasks: [toy_mcq, nonexistent_task_xyz]\nvariants: [base]\ninclude_path: [TASKS]\n",
             "unknown lm-eval task",
         ),
@@ -220,6 +224,24 @@ def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_w
     again = plan(5)
     assert again.cells[0].config_hash == base.config_hash
     assert len(eval.runner.prepare(again.grid, tmp_path, fresh=True).todo) == 2
+
+
+def test_inject_mode_gives_every_variant_its_own_server_and_lora_mode_shares_one():
+    from eval.runner import PlannedCell, _groups
+
+    def groups(steering):
+        grid = Grid.from_dict(
+            {"tasks": ["t"], "variants": [{"name": "ref", "checkpoint": "/m"}, "medical", "base", "math"],
+             "server": {"steering": steering}}
+        )  # fmt: skip
+        cells = [PlannedCell(c, Path("x"), {}, "h") for c in grid.cells()]
+        return [(g, [c.variant.name for c in cs]) for g, cs in _groups(cells, grid)]
+
+    assert groups("lora") == [("steering", ["medical", "base", "math"]), ("checkpoint:ref", ["ref"])]
+    assert groups("inject") == [
+        ("inject:medical", ["medical"]), ("inject:base", ["base"]), ("inject:math", ["math"]),
+        ("checkpoint:ref", ["ref"]),
+    ]  # fmt: skip
 
 
 def test_bundled_grids_are_valid():
@@ -311,3 +333,44 @@ def test_grid_of_two_variants_runs_end_to_end_and_a_second_run_skips_finished_ce
 
 def _scores(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.mark.slow
+def test_inject_mode_serves_base_plus_tau_exactly_as_the_tuned_checkpoint(
+    tiny_fixtures, tiny_vectors, tmp_path
+):
+    """steering: inject (the demo's mode) starts a plain vLLM server per spec with the delta injected at load
+    time; base + 1.0·τ_medical must score every answer as the medical checkpoint does (float32)."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "tasks": [{"name": "tunevec_medical_mcq", "limit": 6}],
+                "variants": ["medical", {"name": "medical-tuned", "tuned": "medical"}],
+                "server": {"steering": "inject", "dtype": "float32", "max_model_len": 512},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    args = [
+        "eval",
+        "--grid",
+        str(grid),
+        "--base",
+        str(tiny_fixtures / "base"),
+        "--vectors",
+        str(tiny_vectors),
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [
+        "checkpoint-medical-tuned.log", "inject-medical.log"
+    ]  # fmt: skip
+    lls = {}
+    for name in ("medical", "medical-tuned"):
+        cell = json.loads((out / "cells" / f"{name}__tunevec_medical_mcq.json").read_text())
+        (samples,) = (out / cell["lm_eval_output"]).glob("*/samples_*.jsonl")
+        lls[name] = [
+            float(r[0][0]) for line in samples.read_text().splitlines() for r in json.loads(line)["resps"]
+        ]
+    assert len(lls["medical"]) == 6 * 4
+    assert lls["medical"] == pytest.approx(lls["medical-tuned"], abs=1e-4)

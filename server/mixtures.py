@@ -8,9 +8,13 @@ counter would hand out fresh ids per name; stale name->id pairs after an unload 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
+import shutil
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,13 @@ from tunevec.errors import TunevecError
 from tunevec.vector import TuningVector
 
 logger = logging.getLogger("tunevec.mixtures")
+
+# Mixture folders on disk outlive their names in the engine (a re-requested mixture reloads without recomposing),
+# up to DISK_FACTOR x cache_capacity folders. Past that the least recently used go, but never one used in the last
+# KEEP_RECENT_S seconds: vLLM reads an adapter's files when it schedules the request, after resolve() returned, and
+# replicas may share one cache folder.
+DISK_FACTOR = 4
+KEEP_RECENT_S = 600.0
 
 
 @dataclass
@@ -104,6 +115,7 @@ class MixtureRegistry:
         name = spec.canonical()
         if name in self._lru:
             self._lru.move_to_end(name)
+            _touch(Path(self._lru[name].request.lora_path))
             return self._lru[name]
         lock = self._name_locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -140,12 +152,32 @@ class MixtureRegistry:
             if not (path / "adapter_config.json").exists():
                 adapter = compose(spec, self.adapters, max_rank=self.config.max_lora_rank)
                 adapter.save(path, base_model=self.config.served_model_name)
+                self._prune_disk(keep=path)
+            _touch(path)
         meta = LoraAdapter.load(path).meta
         self._ids[lora_id] = spec.canonical()
         request = LoRARequest(lora_name=spec.canonical(), lora_int_id=lora_id, lora_path=str(path))
         return Mixture(
             spec, spec.canonical(), request, min(summed, self.config.max_lora_rank), meta["max_rel_error"]
         )
+
+    def _prune_disk(self, keep: Path) -> None:
+        """Delete the least recently used mixture folders beyond DISK_FACTOR x cache_capacity (see above)."""
+        folders = [
+            p for p in (self.cache_dir / "mixtures").iterdir() if p.is_dir() and not p.name.startswith(".")
+        ]
+        excess = len(folders) - DISK_FACTOR * self.config.cache_capacity
+        if excess <= 0:
+            return
+        in_use = {Path(m.request.lora_path) for m in self._lru.values()} | {keep}
+        cutoff = time.time() - KEEP_RECENT_S
+        for folder in sorted(folders, key=_mtime):
+            if excess <= 0 or _mtime(folder) > cutoff:
+                break
+            if folder not in in_use:
+                shutil.rmtree(folder, ignore_errors=True)
+                excess -= 1
+                logger.info("tunevec: removed unused mixture adapter %s from the disk cache", folder.name)
 
     def _evict(self) -> None:
         while len(self._lru) > self.config.cache_capacity:
@@ -157,6 +189,18 @@ class MixtureRegistry:
 
     def loaded(self) -> list[Mixture]:
         return list(self._lru.values())
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a folder pruned by a replica is rebuilt on use
+        os.utime(path)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _content_digest(vec: TuningVector) -> str:

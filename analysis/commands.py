@@ -12,7 +12,12 @@ def configure_extract(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, help="artifact folder to write (vector.safetensors + manifest.json)"
     )
     parser.add_argument("--name", help="vector name (default: the tuned folder's name)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the stored tau (auto: the checkpoints' own; rounding, if any, is reported in the manifest)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing artifact")
     parser.set_defaults(run=run_extract)
 

@@ -13,7 +13,7 @@ the median over ``--repeats`` rounds is reported, with the inputs' page cache ei
 posix_fadvise DONTNEED before the row: the disk-bound case of a real 7B checkpoint) or warm (read just before):
   read       safetensors ``safe_open(...).get_tensor`` of every tensor of both checkpoints (the floor: the bytes
              extraction must read at least once); it reads files directly on purpose — it is the reference
-  extract    ``tunevec.vector.extract`` to fp32 τ (the default) and to bf16 τ, end to end (plan, read, subtract,
+  extract    ``tunevec.vector.extract`` to bf16 τ (the default for a bf16 pair) and to fp32 τ, end to end (plan, read, subtract,
              sha256, write, fsync, manifest); ``extract-bf16-tmpfs`` writes τ to /dev/shm (memory) instead of
              the disk, to separate the cost of writing the artifact from reading and computing
 Throughput is input bytes (both checkpoints) per second; ratio = read time / extract time (1 = as fast as
@@ -142,9 +142,12 @@ def child(kind: str, root: Path) -> None:
     else:
         dtype = "float32" if kind.startswith("extract-f32") else "bfloat16"
         where = Path(SHM) if kind.endswith("-tmpfs") else root
-        extract(root / "base", root / "tuned", where / f"tau-{dtype}", dtype=dtype, progress=False)
+        vec = extract(root / "base", root / "tuned", where / f"tau-{dtype}", dtype=dtype, progress=False)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"kind": kind, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}))
+    rounding = vec.manifest.policies.get("rounding") if kind != "read" else None
+    print(
+        json.dumps({"kind": kind, "seconds": seconds, "peak_rss_mib": peak_rss_mib(), "rounding": rounding})
+    )
 
 
 def run_child(kind: str, root: Path, cold: bool) -> dict:
@@ -164,8 +167,9 @@ def run_child(kind: str, root: Path, cold: bool) -> dict:
 def phase_breakdown(root: Path) -> dict[str, float]:
     """Seconds per step of extraction's inner loop for one decoder layer (7 matrices), to show where time goes.
 
-    Mirrors tunevec.vector.extract's per-tensor work (read both as fp32, subtract, norms, bytes, sha256, write);
-    diagnosis only, the rows above time the real function.
+    Mirrors tunevec.vector.extract's per-tensor work with bf16 output (the default for a bf16 pair): read both
+    into reused fp32 buffers, subtract in place, norms, cast to bf16 and measure the rounding, sha256, write;
+    diagnosis only (sequential, where extract overlaps hashing and writing with the next tensor's compute).
     """
     import hashlib
 
@@ -181,26 +185,36 @@ def phase_breakdown(root: Path) -> dict[str, float]:
         steps[step] = steps.get(step, 0.0) + time.perf_counter() - t0
         return time.perf_counter()
 
+    biggest = max(base.tensors[n].nbytes for n in names) // 2
+    bufs = [torch.empty(biggest, dtype=torch.float32) for _ in range(2)]
+    out_buf = torch.empty(biggest, dtype=torch.bfloat16)
     sink = root / "phase.bin"
     with sink.open("wb") as f:
         for name in names:
+            shape = base.tensors[name].shape
+            numel = base.tensors[name].nbytes // 2
+            w_base, w_tuned = (b[:numel].view(shape) for b in bufs)
             t0 = time.perf_counter()
             raw = base.read(name).clone()
             t0 = lap("read bf16 (reference)", t0)
-            w_base = raw.to(torch.float32)
-            w_tuned = tuned.read(name).to(torch.float32)
-            t0 = lap("read + cast to fp32, both", t0)
-            tau = w_tuned - w_base
+            base.read_into(name, w_base)
+            tuned.read_into(name, w_tuned)
+            t0 = lap("read into fp32, both", t0)
+            tau = w_tuned.sub_(w_base)
             t0 = lap("subtract", t0)
             float(tau.norm()), float(w_base.norm())
             t0 = lap("norms", t0)
-            data = tau.contiguous().view(torch.uint8).numpy().tobytes()
-            t0 = lap("tobytes (fp32)", t0)
+            stored = out_buf[:numel].view(shape).copy_(tau)
+            t0 = lap("cast to bf16", t0)
+            err = w_base.copy_(stored).sub_(tau)
+            int(torch.count_nonzero(err))
+            t0 = lap("rounding check", t0)
+            data = memoryview(stored.reshape(-1).view(torch.uint8).numpy())
             hashlib.sha256(data).hexdigest()
-            t0 = lap("sha256 (fp32)", t0)
+            t0 = lap("sha256 (bf16)", t0)
             f.write(data)
-            t0 = lap("write (fp32)", t0)
-            del raw, w_base, w_tuned, tau, data
+            t0 = lap("write (bf16)", t0)
+            del raw, data
         f.flush()
         t0 = time.perf_counter()
         os.fsync(f.fileno())
@@ -269,6 +283,12 @@ def main() -> int:
         f"\ntarget ratio >= {TARGET} (read time / extract time, medians of {args.repeats}): "
         + "; ".join(verdicts)
     )
+    rounded = next((x["rounding"] for x in results[(caches[0], "extract-bf16")] if x.get("rounding")), None)
+    if rounded:
+        print(
+            f"bf16 tau (the default for this bf16 pair): {rounded['entries_rounded']:,} of {rounded['entries']:,} "
+            f"entries rounded, relative error {rounded['relative_error']:.2e}, max |error| {rounded['max_abs_error']:.2e}"
+        )
     steps = phase_breakdown(root)
     total = sum(steps.values()) - steps["read bf16 (reference)"]
     print(

@@ -39,6 +39,37 @@ def test_bfloat16_artifact_stores_rounded_tau(tmp_path):
     assert vec.read("model.norm.weight").dtype == torch.bfloat16
 
 
+def test_bfloat16_checkpoints_give_the_exact_fp32_difference_and_read_into_converts_on_the_way(tmp_path):
+    base = {n: t.to(torch.bfloat16) for n, t in llama_like(0).items()}
+    tuned = {n: t.to(torch.bfloat16) for n, t in perturbed(llama_like(0), seed=2).items()}
+    write_model(tmp_path / "b", base, shards=2)
+    write_model(tmp_path / "t", tuned)
+    wide = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v32", dtype="float32", progress=False)
+    auto = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)  # the checkpoints' bf16
+    assert (wide.manifest.dtype, auto.manifest.dtype) == ("float32", "bfloat16")
+    moved, err_sq, tau_sq = 0, 0.0, 0.0
+    for name in base:
+        want = tuned[name].float() - base[name].float()
+        torch.testing.assert_close(wide.read(name), want, rtol=0, atol=0)
+        got = auto.read(name).float()
+        moved += int((got != want).sum())
+        err_sq += float((got - want).norm()) ** 2
+        tau_sq += float(want.norm()) ** 2
+    rounding = auto.manifest.policies["rounding"]
+    assert rounding["entries_rounded"] == moved and rounding["entries"] == sum(
+        t.numel() for t in base.values()
+    )
+    assert rounding["relative_error"] == pytest.approx((err_sq / tau_sq) ** 0.5, rel=1e-5)
+    assert "rounding" not in wide.manifest.policies
+    ckpt = Checkpoint(tmp_path / "b")
+    for name, t in base.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            out = torch.full(t.shape, float("nan"), dtype=dtype)
+            assert ckpt.read_into(name, out) is out
+            torch.testing.assert_close(out, t.to(dtype), rtol=0, atol=0)
+            torch.testing.assert_close(out, ckpt.read(name).to(dtype), rtol=0, atol=0)
+
+
 def test_enlarged_vocabulary_keeps_shared_rows_and_reports_added_ones(tmp_path):
     base = llama_like(0)
     tuned = perturbed(base)
@@ -132,15 +163,15 @@ def test_interrupted_extraction_leaves_no_artifact(tmp_path, monkeypatch):
     write_model(tmp_path / "b", base)
     write_model(tmp_path / "t", perturbed(base))
     calls = {"n": 0}
-    real_read = Checkpoint.read
+    real_read = Checkpoint.read_into
 
-    def failing_read(self, name):
+    def failing_read(self, name, out):
         calls["n"] += 1
         if calls["n"] > 5:
             raise KeyboardInterrupt
-        return real_read(self, name)
+        return real_read(self, name, out)
 
-    monkeypatch.setattr(Checkpoint, "read", failing_read)
+    monkeypatch.setattr(Checkpoint, "read_into", failing_read)
     with pytest.raises(KeyboardInterrupt):
         extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "t"]

@@ -279,7 +279,7 @@ def extract(
     out: str | os.PathLike[str],
     *,
     name: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
 ) -> TuningVector:
@@ -287,16 +287,23 @@ def extract(
 
     The shared rows of an enlarged vocabulary are kept (tau covers the base's rows) and the added rows are
     reported in ``policies.vocab_extension`` with their norm.
+
+    ``dtype="auto"`` stores tau in the checkpoints' own float dtype (float32 when they differ). tau is always
+    computed in float32; the difference of two bf16 numbers within a factor 2 of each other is exact in bf16
+    (Sterbenz), so storing it narrow rarely rounds, and where it does the manifest says how much
+    (``policies.rounding``). Half the bytes to hash and write as a float32 tau of a bf16 model.
     """
     from tqdm import tqdm
 
-    if dtype not in DTYPES:
-        raise TunevecError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise TunevecError(f"dtype {dtype!r} not supported; choose auto or one of {sorted(DTYPES)}")
     out = Path(out)
     if out.exists() and not force:
         raise TunevecError(f"{out} already exists; pass --force to replace it")
     base, tuned = Checkpoint(base_path), Checkpoint(tuned_path)
     plan, policies = plan_extraction(base, tuned)
+    if dtype == "auto":
+        dtype = _common_dtype(base, tuned, [n for n, _ in plan])
     vname = name or tuned.path.name
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
@@ -316,14 +323,19 @@ def extract(
         # tensor i+1; at most one tensor waits for the writer, so memory stays bounded.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunevec-writer") as pool:
             pending: tuple[str, Future] | None = None
-            for name_, shape in plan:
-                w_base = base.read(name_).to(torch.float32)
-                w_tuned = tuned.read(name_).to(torch.float32)
+            buffers = _Buffers()
+            rounding = _Rounding()
+            for i, (name_, shape) in enumerate(plan):
+                w_base = base.read_into(name_, buffers.get("base", torch.float32, shape))
+                # tau is computed in place in the tuned buffer; when it is also what gets written, two buffers
+                # take turns, since the writer may still hold the previous tensor's.
+                slot = f"tuned{i % 2}" if torch_dtype == torch.float32 else "tuned"
+                w_tuned = tuned.read_into(name_, buffers.get(slot, torch.float32, tuned.tensors[name_].shape))
                 if name_ in grown:
                     added = w_tuned[shape[0] :]
                     grown[name_]["added_rows_norm"] = float(added.norm())
                     w_tuned = w_tuned[: shape[0]]
-                tau = w_tuned - w_base  # out of place: safetensors may hand out views of mapped files
+                tau = w_tuned.sub_(w_base)
                 role = classify(name_)
                 entries[name_] = TensorEntry(
                     name=name_,
@@ -335,7 +347,11 @@ def extract(
                     base_norm=float(w_base.norm()),
                     sha256="",
                 )
-                stored = tau.to(torch_dtype)
+                if torch_dtype == torch.float32:
+                    stored = tau
+                else:
+                    stored = buffers.get(f"out{i % 2}", torch_dtype, shape).copy_(tau)
+                    rounding.add(stored, tau, entries[name_].norm, scratch=w_base)
                 del w_base, w_tuned, tau
                 if pending is not None:
                     entries[pending[0]].sha256 = pending[1].result()
@@ -346,6 +362,8 @@ def extract(
                 entries[pending[0]].sha256 = pending[1].result()
         bar.close()
         writer.close()
+        if torch_dtype != torch.float32:
+            policies["rounding"] = rounding.report(dtype)
         manifest = Manifest(
             name=vname,
             dtype=dtype,
@@ -362,6 +380,59 @@ def extract(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return TuningVector(out)
+
+
+def _common_dtype(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> str:
+    codes = {c.tensors[n].dtype for c in (base, tuned) for n in names}
+    by_code = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    return by_code[codes.pop()] if len(codes) == 1 and next(iter(codes)) in by_code else "float32"
+
+
+class _Rounding:
+    """How far storing tau in a narrower dtype moved it from the float32 difference, summed over tensors."""
+
+    def __init__(self) -> None:
+        self.tensors = self.entries = self.total = 0
+        self.max_abs = self.err_sq = self.tau_sq = 0.0
+
+    def add(self, stored: torch.Tensor, tau: torch.Tensor, tau_norm: float, scratch: torch.Tensor) -> None:
+        err = scratch.copy_(stored).sub_(tau)  # scratch: a float32 buffer of tau's shape that is free now
+        moved = int(torch.count_nonzero(err))
+        self.total += tau.numel()
+        self.tau_sq += tau_norm**2
+        if moved:
+            self.tensors += 1
+            self.entries += moved
+            self.max_abs = max(self.max_abs, float(err.abs_().max()))
+            self.err_sq += float(err.norm()) ** 2
+
+    def report(self, dtype: str) -> dict:
+        return {
+            "dtype": dtype,
+            "tensors_rounded": self.tensors,
+            "entries_rounded": self.entries,
+            "entries": self.total,
+            "max_abs_error": self.max_abs,
+            "relative_error": (self.err_sq / self.tau_sq) ** 0.5 if self.tau_sq else 0.0,
+        }
+
+
+class _Buffers:
+    """Flat buffers reused across tensors, grown to the largest seen: allocating fresh multi-GB tensors for every
+    tensor pair made the kernel's page faulting the largest single cost of extraction (bench/bench_extract.py)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self._flat.get(key)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            self._flat.pop(key, None)  # free the old one before allocating its replacement
+            buf = self._flat[key] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(tuple(shape))
 
 
 def _describe(ckpt: Checkpoint) -> dict:

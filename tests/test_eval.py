@@ -373,4 +373,31 @@ def test_inject_mode_serves_base_plus_tau_exactly_as_the_tuned_checkpoint(
             float(r[0][0]) for line in samples.read_text().splitlines() for r in json.loads(line)["resps"]
         ]
     assert len(lls["medical"]) == 6 * 4
-    assert lls["medical"] == pytest.approx(lls["medical-tuned"], abs=1e-4)
+    worst = max(abs(a - b) for a, b in zip(lls["medical"], lls["medical-tuned"], strict=True))
+    print(f"injected base + tau_medical vs the medical checkpoint: max |d loglik| = {worst:.1e} (float32)")
+    assert worst < 1e-4
+
+
+def test_choice_stats_read_gold_and_wrong_answer_log_likelihoods_from_the_sample_logs(tmp_path):
+    from eval.choices import choice_stats, to_markdown
+
+    def cell(variant, docs):
+        out = tmp_path / "lm-eval" / variant
+        (out / "m").mkdir(parents=True)
+        lines = [json.dumps({"target": t, "resps": [[[str(ll), "False"]] for ll in lls]}) for t, lls in docs]
+        (out / "m" / "samples_mcq_2026.jsonl").write_text("\n".join(lines) + "\n")
+        (tmp_path / "cells").mkdir(exist_ok=True)
+        doc = {"variant": variant, "task": "mcq", "lm_eval_output": f"lm-eval/{variant}"}
+        (tmp_path / "cells" / f"{variant}__mcq.json").write_text(json.dumps(doc))
+
+    cell("base", [(0, [-1.0, -2.0, -4.0]), (1, [-1.0, -3.0, -2.0])])
+    cell("alpha", [(0, [-0.5, -2.0, -4.0]), (1, [-1.0, -1.0, -2.0])])
+    (tmp_path / "results.json").write_text(json.dumps({"variants": [{"name": "base"}, {"name": "alpha"}]}))
+    base, alpha = choice_stats(tmp_path, "mcq")
+    assert (base.variant, base.docs) == ("base", 2)
+    assert base.gold == pytest.approx(-2.0) and base.others == pytest.approx(-2.25)
+    assert base.margin == pytest.approx(((-1 + 2) + (-3 + 1)) / 2)
+    assert alpha.gold == pytest.approx(-0.75) and alpha.margin == pytest.approx((1.5 + 0) / 2)
+    assert "| `alpha` | 2 | -0.75 (+1.25) |" in to_markdown([base, alpha])
+    with pytest.raises(TunevecError, match="no finished cell of task 'other'"):
+        choice_stats(tmp_path, "other")

@@ -24,6 +24,7 @@ from tunevec.errors import TunevecError
 REPO = Path(__file__).resolve().parents[1]
 DEMO_GRID = REPO / "eval" / "grids" / "demo.yaml"
 DOMAINS = ("medical", "math")
+MCQ_TASK = "tunevec_medical_mcq"  # the demo grid's multiple-choice task, whose log-likelihoods are shown
 # The representation probe runs three 135M models over the probe texts; 60 texts (of 240 by default) keep the
 # analysis to a few minutes on 2 CPU cores. Measured: 1160 s with the defaults, 742 s of it the probe.
 ANALYZE_OPTIONS = ("--max-probe-texts", "60")
@@ -82,6 +83,7 @@ def analyse(fixtures: Path, vectors: Path, out: Path) -> Path | None:
 
 
 def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
+    from eval.choices import choice_stats, to_markdown
     from eval.commands import evaluate
     from eval.grid import Grid
     from tunevec.fixtures import build_fixtures
@@ -116,6 +118,12 @@ def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
     print()
     print(result["table"])
     print()
+    try:
+        choices = to_markdown(choice_stats(out, MCQ_TASK))
+        print(f"Answer log-likelihoods behind {MCQ_TASK} (python -m eval.choices {out} --task {MCQ_TASK}):")
+        print(choices + "\n")
+    except TunevecError as exc:  # a failed cell must not hide the rest of the summary
+        say(f"answer log-likelihoods not shown: {exc}")
     if report is not None:
         say(
             f"analysis report: {report} ({', '.join(sorted(p.name for p in report.iterdir() if p.is_file()))})"

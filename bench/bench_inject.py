@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_inject.py                   # tiny fixtures, about 5 minutes
     .venv/bin/python bench/bench_inject.py --model smol      # SmolLM2 fixtures (bf16 by default)
+    .venv/bin/python bench/bench_inject.py --model smol --control   # A/A: the same plain server twice
 
 bench_steering.py runs its servers side by side, and on a 2-core box every vLLM CPU worker spins on the same
 core, so its injected/base ratio scatters widely. Here only one server is alive at a time: plain vLLM on the
@@ -80,6 +81,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(ap)
     ap.add_argument("--spec", default="medical:1", help="the injected variant (default medical:1)")
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A control: I is a second plain server on the base, so the ratios show this machine's noise",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="rounds of P, I (then I, P) (default 3)")
     ap.add_argument("--gen", type=int, default=192, help="generation requests per server (default 192)")
     ap.add_argument("--loglik", type=int, default=192, help="scoring requests per server (default 192)")
@@ -98,7 +104,7 @@ def main() -> int:
             "bench_inject: plain vLLM on the base (P) vs on base + delta(spec) injected at load (I), one at a time",
             [
                 f"model: {args.model} base={base} vectors={vectors} dtype={args.engine_dtype}; injected spec "
-                f"{args.spec}",
+                + ("none: A/A control, I is plain vLLM on the base too" if args.control else args.spec),
                 f"requests per server: {args.gen} gen ({args.prompt_len}-token prompts, {args.max_tokens} tokens, "
                 f"greedy, ignore_eos) then {args.loglik} loglik (echo+logprobs), {args.concurrency} in flight; "
                 f"{args.rounds} round(s); logs {workdir}",
@@ -110,6 +116,8 @@ def main() -> int:
         "P": lambda port, s: checkpoint_command(base, "base", s, port),
         "I": lambda port, s: inject_command(base, vectors, args.spec, "base", s, port),
     }
+    if args.control:
+        commands["I"] = commands["P"]
     rows: list[tuple[int, dict]] = []
     for r in range(args.rounds):
         prompts = random_prompts(vocab_size(base), max(args.gen, args.loglik), args.prompt_len, seed=r)
@@ -128,7 +136,8 @@ def main() -> int:
         by = {(r, res["name"]): res[key] for r, res in rows}
         return [by[r, "I"] / by[r, "P"] for r in range(args.rounds)]
 
-    print("\ninjected / base (median over rounds; per round in brackets):")
+    what_ratio = "second base / base (A/A control)" if args.control else "injected / base"
+    print(f"\n{what_ratio} (median over rounds; per round in brackets):")
     ok = True
     for key, what in (
         ("gen_tps", "generation tok/s"),
@@ -140,10 +149,9 @@ def main() -> int:
         ok &= key == "tokens_per_cpu_s" or med >= TARGET
         print(f"  {what:22s} {med:.3f}  [{', '.join(f'{x:.3f}' for x in rs)}]")
     failed = sum(res["failed"] for _, res in rows)
-    print(
-        f"target injected >= {TARGET} x base on throughput: {'met' if ok else 'NOT met'}; failed requests: {failed}"
-    )
-    return 0 if ok and not failed else 1
+    verdict = "not applicable (control run)" if args.control else ("met" if ok else "NOT met")
+    print(f"target injected >= {TARGET} x base on throughput: {verdict}; failed requests: {failed}")
+    return 0 if (ok or args.control) and not failed else 1
 
 
 if __name__ == "__main__":

@@ -82,10 +82,12 @@ class SteeringRouter:
             return self.variants[model]
         return self.registry.parse(model)
 
-    async def route(self, payload: dict) -> dict:
+    async def route(self, payload: dict) -> dict | None:
+        """The payload rewritten for its mixture, or None when the body can go to vLLM as it came (the base)."""
+        had_steering = "steering" in payload
         spec = self.spec_for(payload)
         if spec is None:
-            return payload
+            return payload if had_steering else None
         mixture = await self.registry.resolve(spec)
         self.serving_models.lora_requests[mixture.name] = mixture.request
         payload["model"] = mixture.name
@@ -107,24 +109,25 @@ class SteeringMiddleware:
         if router is None or scope.get("method") != "POST" or scope["path"] not in STEERED_PATHS:
             await self.app(scope, receive, send)
             return
-        body = b""
+        chunks = bytearray()
         more = True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            body += message.get("body", b"")
+            chunks += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > MAX_BODY_BYTES:
+            if len(chunks) > MAX_BODY_BYTES:
                 await JSONResponse(error_body("request body too large", 413, None), 413)(scope, receive, send)
                 return
+        body = bytes(chunks)
         try:
             payload = json.loads(body)
         except ValueError:
             payload = None
         if isinstance(payload, dict):
             try:
-                payload = await router.route(payload)
+                routed = await router.route(payload)
             except TunevecError as exc:
                 status = 404 if isinstance(exc, NotFoundError) else 400
                 await JSONResponse(error_body(str(exc), status), status)(scope, receive, send)
@@ -135,7 +138,8 @@ class SteeringMiddleware:
                     scope, receive, send
                 )
                 return
-            body = json.dumps(payload).encode()
+            if routed is not None:
+                body = json.dumps(routed).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         scope = dict(scope, headers=headers)

@@ -28,7 +28,7 @@ def artifacts_dir() -> Path:
 def tiny_fixtures() -> Path:
     """The kind=tiny fixtures (seed 0): base/, medical/, math/, tasks/, probe.jsonl, fixtures.json.
 
-    Built on first use (an estimated 1.5 minutes on 2 idle cores; 4-15 minutes were measured on a busy shared
+    Built on first use (81 s measured on 2 idle cores; 4-15 minutes were measured on a busy shared
     machine) and reused across runs through the content key.
     """
     from tunevec.fixtures import build_fixtures
@@ -46,7 +46,7 @@ def tiny_vectors(tiny_fixtures: Path) -> Path:
 def smol_fixtures() -> Path:
     """The kind=smol fixtures (SmolLM2-135M-Instruct and its medical and math fine-tunes, seed 0).
 
-    Built on first use (about 3 minutes on 2 idle cores, 31 on a machine shared with 4 other jobs) and reused
+    Built on first use (173 s measured on 2 idle cores, 31 minutes on a machine shared with 4 other jobs) and reused
     through the content key.
     """
     from tunevec.fixtures import build_fixtures

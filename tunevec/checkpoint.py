@@ -25,7 +25,8 @@ from tunevec.errors import TunevecError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# safetensors float dtype codes -> torch dtypes (also the set of codes tunevec treats as floating point).
+ST_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # safetensors dtype codes -> bytes per element (the header is read without loading data).
 _DTYPE_BYTES = {
     "F64": 8,
@@ -188,7 +189,7 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise TunevecError(f"{self.path}: no tensor named {name!r}")
-        dtype = _ST_TO_TORCH.get(info.dtype)
+        dtype = ST_FLOAT_DTYPES.get(info.dtype)
         numel = out.numel()
         if dtype is None or numel * _DTYPE_BYTES[info.dtype] != info.nbytes or numel == 0:
             return out.copy_(self.read(name).reshape(out.shape))

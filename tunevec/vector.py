@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tunevec.checkpoint import Checkpoint, read_safetensors_header
+from tunevec.checkpoint import ST_FLOAT_DTYPES, Checkpoint, read_safetensors_header
 from tunevec.errors import TunevecError
 from tunevec.roles import classify
 
@@ -210,10 +211,6 @@ class TuningVector:
                 raise TunevecError(f"vector {self.name!r}: tensor {name!r} does not match base {base.path}")
 
 
-def _is_float(dtype_code: str) -> bool:
-    return dtype_code in ("F64", "F32", "F16", "BF16")
-
-
 def plan_extraction(base: Checkpoint, tuned: Checkpoint) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
     """Decide which tensors tau covers and how mismatches are handled, before any tensor is read.
 
@@ -246,7 +243,7 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint) -> tuple[list[tuple[str
         if name not in b:
             continue
         bi, ti = base.tensors[name], tuned.tensors[name]
-        if not (_is_float(bi.dtype) and _is_float(ti.dtype)):
+        if not (bi.dtype in ST_FLOAT_DTYPES and ti.dtype in ST_FLOAT_DTYPES):
             policies["skipped"].append({"tensor": name, "reason": f"non-float dtype {bi.dtype}"})
             continue
         if bi.shape == ti.shape:
@@ -383,9 +380,11 @@ def extract(
 
 
 def _common_dtype(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> str:
+    """The one storage dtype of every planned tensor on both sides, if tau can be stored in it; else float32."""
     codes = {c.tensors[n].dtype for c in (base, tuned) for n in names}
-    by_code = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    return by_code[codes.pop()] if len(codes) == 1 and next(iter(codes)) in by_code else "float32"
+    names_by_dtype = {t: name for name, t in DTYPES.items()}
+    only = ST_FLOAT_DTYPES.get(codes.pop()) if len(codes) == 1 else None
+    return names_by_dtype.get(only, "float32")
 
 
 class _Rounding:
@@ -425,9 +424,7 @@ class _Buffers:
         self._flat: dict[str, torch.Tensor] = {}
 
     def get(self, key: str, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         buf = self._flat.get(key)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             self._flat.pop(key, None)  # free the old one before allocating its replacement

@@ -41,6 +41,20 @@ def _per_layer(vec: dict, role: str, path: tuple[str, ...]) -> tuple[list[int], 
     return xs, ys
 
 
+def _layer_axis(ax, label: str = "layer") -> None:
+    """An x axis of layer indices: integer ticks and a light grid, the same on every per-layer plot."""
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def plot_spectra(report: dict, path: Path) -> Path:
     vecs = list(report["vectors"].values())
     fig, axes = plt.subplots(1, len(vecs), figsize=(5.2 * len(vecs), 4.2), squeeze=False)
@@ -72,10 +86,7 @@ def plot_spectra(report: dict, path: Path) -> Path:
         ax.set_title(f"{vec['name']}: spectrum of τ per module")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _ratio_axis(ax) -> None:
@@ -126,14 +137,9 @@ def plot_alignment(report: dict, path: Path) -> Path:
         ax_amp.set_ylabel("share / random baseline")
         ax_amp.set_title(f"{vec['name']}: along W's own singular pairs (amplification)")
         for ax in row:
-            ax.set_xlabel("layer")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
+            _layer_axis(ax)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_size(report: dict, path: Path) -> Path:
@@ -151,16 +157,11 @@ def plot_size(report: dict, path: Path) -> Path:
                 ls=st["ls"],
                 label=f"{vec['name']} {role}",
             )
-    ax.set_xlabel("layer")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _layer_axis(ax)
     ax.set_ylabel("‖τ‖_F / ‖W‖_F")
     ax.set_title("Size of the change per layer")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 CKA_FLOOR = 1e-8  # 1 − CKA below this (identical hidden states, rounding only) is drawn at the floor
@@ -204,14 +205,9 @@ def plot_cka(report: dict, path: Path) -> Path:
     axes[2].set_title(f"Dimensions holding 90% of the change (of {rep['hidden_size']})")
     axes[2].set_ylabel("principal components of ΔH")
     for ax in axes:
-        ax.set_xlabel("layer (0 = embeddings)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _layer_axis(ax, "layer (0 = embeddings)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_cross_domain(report: dict, path: Path) -> Path:
@@ -248,19 +244,14 @@ def plot_cross_domain(report: dict, path: Path) -> Path:
                 label=f"{pair['a']} vs {pair['b']}: {role}",
             )
     axes[1].axhline(0, color="black", lw=0.8)
-    axes[1].set_xlabel("layer")
-    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    _layer_axis(axes[1])
     axes[1].set_ylabel("cosine")
     axes[1].set_title("Cross-domain cosine per layer")
-    axes[1].grid(alpha=0.3)
     if cross["pairs"]:
         axes[1].legend(fontsize=8)
     else:
         axes[1].text(0.5, 0.5, "one vector: no pairs", ha="center", transform=axes[1].transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plots(report: dict, out: Path) -> dict[str, Path]:

@@ -1,14 +1,17 @@
 """Pure math over tuning vectors: spectra and factorisation, alignment with the base weight, representation
 change, cross-domain similarity. No file I/O and no models; tensors in, numbers out."""
 
-from analysis.alignment import (
+from tunevec.analysis.alignment import (
     alignment_summary,
     amplification_split,
     principal_directions,
     split_energy,
     subspace_share,
 )
-from analysis.decompose import (
+from tunevec.analysis.representation import PrincipalAngles, change_dimensions, linear_cka, principal_angles
+from tunevec.analysis.similarity import PairSums, SimilarityAccumulator, cosine, pair_sums, sign_agreement
+
+from tunevec.core.linalg import (
     LowRank,
     allocate_ranks,
     effective_rank,
@@ -19,8 +22,6 @@ from analysis.decompose import (
     singular_values,
     stable_rank,
 )
-from analysis.representation import PrincipalAngles, change_dimensions, linear_cka, principal_angles
-from analysis.similarity import PairSums, SimilarityAccumulator, cosine, pair_sums, sign_agreement
 
 __all__ = [
     "LowRank",

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from analysis.decompose import as_matrix, sq_norm, top_svd
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
+from tunevec.core.linalg import as_matrix, sq_norm, top_svd
 
 W_ENERGY = 0.9  # default k: the rank holding this share of ‖W‖_F² ...
 MAX_K_FRACTION = 4  # ... capped at min(m, n) // 4, so the complement stays the larger part of the space

@@ -1,4 +1,4 @@
-"""`tunevec extract` and `tunevec analyze`: thin argument layers over tunevec.vector and analysis.report."""
+"""`tunevec extract` and `tunevec analyze`: thin argument layers over tunevec.core.vector and analysis.report."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def configure_extract(parser: argparse.ArgumentParser) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from tunevec.vector import extract
+    from tunevec.core.vector import extract
 
     vec = extract(args.base, args.tuned, args.out, name=args.name, dtype=args.dtype, force=args.force)
     m = vec.manifest
@@ -102,14 +102,14 @@ def configure_analyze(parser: argparse.ArgumentParser) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from analysis.probe import BUILTIN_PROBE, load_probe
-    from analysis.report import ReportOptions, build_report, write_report
+    from tunevec.analysis.probe import BUILTIN_PROBE, load_probe
+    from tunevec.analysis.report import ReportOptions, build_report, write_report
 
     if args.threads is not None:
         import torch
 
         if args.threads < 1:
-            from tunevec.errors import TunevecError
+            from tunevec.core.errors import TunevecError
 
             raise TunevecError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
 Hidden states are token-level: every non-pad token of every probe text is one row (n × d per layer). Per layer
 we report linear CKA (base vs tuned, same tokens), principal angles between the top-k PCA subspaces, and how many
-directions hold the change ΔH = H_tuned − H_base (``analysis.representation``). Layer index i follows
+directions hold the change ΔH = H_tuned − H_base (``tunevec.analysis.representation``). Layer index i follows
 transformers' ``hidden_states``: 0 is the embedding output, i ≥ 1 the output of decoder layer i − 1, and the last
 one is taken after the final norm.
 
@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tunevec.analysis.representation import change_dimensions, linear_cka, principal_angles
 
-from analysis.representation import change_dimensions, linear_cka, principal_angles
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 # A small bundled probe set for when no probe file is given: plain sentences from the three fixture domains.
 BUILTIN_PROBE: tuple[dict, ...] = tuple(

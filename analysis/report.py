@@ -28,9 +28,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tunevec.analysis.alignment import (
+    W_ENERGY,
+    default_max_k,
+    principal_directions,
+    split_energy,
+    subspace_share,
+)
+from tunevec.analysis.similarity import SimilarityAccumulator
 
-from analysis.alignment import W_ENERGY, default_max_k, principal_directions, split_energy, subspace_share
-from analysis.decompose import (
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.errors import TunevecError
+from tunevec.core.linalg import (
     METHODS,
     allocate_ranks,
     effective_rank,
@@ -41,11 +50,8 @@ from analysis.decompose import (
     sq_norm,
     stable_rank,
 )
-from analysis.similarity import SimilarityAccumulator
-from tunevec.checkpoint import Checkpoint
-from tunevec.errors import TunevecError
-from tunevec.roles import classify
-from tunevec.vector import TuningVector
+from tunevec.core.roles import classify
+from tunevec.core.vector import TuningVector
 
 REPORT_FORMAT = "tunevec.analysis-report"
 REPORT_VERSION = 1
@@ -493,7 +499,7 @@ def build_report(
         "timing_seconds": extra["timing_seconds"],
     }
     if probe_texts:
-        from analysis.probe import ProbeSettings, representation_change
+        from tunevec.analysis.probe import ProbeSettings, representation_change
 
         if tuned_paths is not None and len(tuned_paths) != len(vectors):
             raise TunevecError(
@@ -564,8 +570,8 @@ def write_report(report: dict, out: str | os.PathLike[str]) -> dict[str, Path]:
     """Write report.json, the PNG plots and summary.md into ``out``; returns the paths written."""
     import json
 
-    from analysis.plots import write_plots
-    from analysis.summary import summary_markdown
+    from tunevec.analysis.plots import write_plots
+    from tunevec.analysis.summary import summary_markdown
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 
 def _features(x: torch.Tensor, what: str) -> torch.Tensor:

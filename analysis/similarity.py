@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 _CHUNK = 1 << 22  # entries per fp64 chunk: 32 MiB per operand, whatever the tensor size
 

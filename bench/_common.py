@@ -1,6 +1,6 @@
 """Shared helpers of the serving benchmarks (bench_steering.py, bench_server.py): model paths, servers, load.
 
-Servers are ``tunevec serve`` (or plain vLLM) subprocesses started through ``eval.launch`` (own process group,
+Servers are ``tunevec serve`` (or plain vLLM) subprocesses started through ``tunevec.eval.launch`` (own process group,
 log file, SIGTERM then SIGKILL however the block ends). Each gets its own mixture cache folder (a YAML
 ``cache_dir``), so a run composes its mixtures from scratch and writes nothing into the vectors folder.
 """
@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from eval.launch import ServerProcess, free_port, server_env, spawn  # noqa: E402
+from tunevec.eval.launch import ServerProcess, free_port, server_env, spawn  # noqa: E402
 
 TINY_BASE = REPO / "artifacts/test/fixtures-tiny/base"
 TINY_VECTORS = REPO / "artifacts/test/vectors-tiny"
@@ -55,7 +54,7 @@ def _find_vectors(base: Path) -> Path | None:
     """A folder under artifacts/ with medical/ and math/ vectors extracted from ``base`` (by fingerprint)."""
     import json
 
-    from tunevec.checkpoint import Checkpoint
+    from tunevec.core.checkpoint import Checkpoint
 
     try:
         fingerprint = Checkpoint(base).fingerprint()

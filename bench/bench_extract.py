@@ -13,7 +13,7 @@ the median over ``--repeats`` rounds is reported, with the inputs' page cache ei
 posix_fadvise DONTNEED before the row: the disk-bound case of a real 7B checkpoint) or warm (read just before):
   read       safetensors ``safe_open(...).get_tensor`` of every tensor of both checkpoints (the floor: the bytes
              extraction must read at least once); it reads files directly on purpose — it is the reference
-  extract    ``tunevec.vector.extract`` to bf16 τ (the default for a bf16 pair) and to fp32 τ, end to end (plan, read, subtract,
+  extract    ``tunevec.core.vector.extract`` to bf16 τ (the default for a bf16 pair) and to fp32 τ, end to end (plan, read, subtract,
              sha256, write, fsync, manifest); ``extract-bf16-tmpfs`` writes τ to /dev/shm (memory) instead of
              the disk, to separate the cost of writing the artifact from reading and computing
 Throughput is input bytes (both checkpoints) per second; ratio = read time / extract time (1 = as fast as
@@ -33,8 +33,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 TARGET = 0.8
 SHM = "/dev/shm/tunevec-bench-extract"  # tmpfs: the extract-*-tmpfs rows write τ to memory, not disk
@@ -126,7 +124,7 @@ def child(kind: str, root: Path) -> None:
     # Imports stay outside the timed region for every row.
     from safetensors import safe_open
 
-    from tunevec.vector import extract
+    from tunevec.core.vector import extract
 
     t0 = time.perf_counter()
     if kind == "read":
@@ -167,7 +165,7 @@ def run_child(kind: str, root: Path, cold: bool) -> dict:
 def phase_breakdown(root: Path) -> dict[str, float]:
     """Seconds per step of extraction's inner loop for one decoder layer (7 matrices), to show where time goes.
 
-    Mirrors tunevec.vector.extract's per-tensor work with bf16 output (the default for a bf16 pair): read both
+    Mirrors tunevec.core.vector.extract's per-tensor work with bf16 output (the default for a bf16 pair): read both
     into reused fp32 buffers, subtract in place, norms, cast to bf16 and measure the rounding, sha256, write;
     diagnosis only (sequential, where extract overlaps hashing and writing with the next tensor's compute).
     """
@@ -175,7 +173,7 @@ def phase_breakdown(root: Path) -> dict[str, float]:
 
     import torch
 
-    from tunevec.checkpoint import Checkpoint
+    from tunevec.core.checkpoint import Checkpoint
 
     base, tuned = Checkpoint(root / "base"), Checkpoint(root / "tuned")
     names = [n for n in base.names() if ".layers.0." in n]

@@ -35,9 +35,8 @@ from _common import (
     vocab_size,
     workdir_for,
 )
-
-from eval.grid import ServerSettings
-from eval.launch import checkpoint_command, free_port, inject_command, server_env, spawn
+from tunevec.eval.grid import ServerSettings
+from tunevec.eval.launch import checkpoint_command, free_port, inject_command, server_env, spawn
 
 TARGET = 0.98
 

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     per_server = 2.5 if args.model == "tiny" else 4.0
     with running_servers(specs, base, vectors, dtype, workdir, kv_mib, per_server_gib=per_server) as servers:
         print(f"servers ready in {time.monotonic() - t0:.0f} s, load average {loadavg()}", flush=True)
-        from eval.launch import lora_prompt_logprobs_safe
+        from tunevec.eval.launch import lora_prompt_logprobs_safe
 
         fixed = all(lora_prompt_logprobs_safe(s) for s in servers.values())
         print(f"cpu-lora prompt-logprobs fix logged by every server: {'yes' if fixed else 'NO'}", flush=True)

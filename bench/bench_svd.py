@@ -28,16 +28,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-
-from analysis.decompose import factorise, randomized_svd, rank_for_energy  # noqa: E402
+from tunevec.core.linalg import factorise, randomized_svd, rank_for_energy  # noqa: E402
 
 SPEEDUP_TARGET = 20.0
 ENERGY_TARGET = 0.995

@@ -8,7 +8,7 @@ multiple-choice task:
 - ``others``: the same for the wrong answers;
 - ``margin``: mean of (gold − the best wrong answer); accuracy is the share of documents where it is > 0.
 
-    python -m eval.choices artifacts/eval/demo --task tunevec_medical_mcq
+    python -m tunevec.eval.choices artifacts/eval/demo --task tunevec_medical_mcq
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 _NAMED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")  # NAME=VALUE where NAME has no spec punctuation
 
@@ -107,7 +107,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
 
 def grid_from_args(args: argparse.Namespace) -> Any:
     """The grid file (if any) with the command line applied, validated for shape and spec syntax."""
-    from eval.grid import Grid
+    from tunevec.eval.grid import Grid
 
     top: dict[str, Any] = {}
     if args.base:
@@ -200,9 +200,9 @@ def evaluate(
     grid: Any, out: Path, *, server_url: str | None = None, fresh: bool = False, dry_run: bool = False
 ) -> dict[str, Any]:
     """Validate, run the unfinished cells, write tables and plots; returns paths, table text and failures."""
-    from eval.plots import write_plots
-    from eval.runner import GridRun, load_cells, prepare, run_grid, say
-    from eval.table import build_rows, to_markdown, write_tables
+    from tunevec.eval.plots import write_plots
+    from tunevec.eval.runner import GridRun, load_cells, prepare, run_grid, say
+    from tunevec.eval.table import build_rows, to_markdown, write_tables
 
     run: GridRun = prepare(grid, out, server_url=server_url, fresh=fresh)
     if dry_run:
@@ -227,7 +227,7 @@ def evaluate(
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from eval.runner import say
+    from tunevec.eval.runner import say
 
     grid = grid_from_args(args)
     out = Path(args.out) if args.out else Path("artifacts") / "eval" / grid.name

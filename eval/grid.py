@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 BASE = "base"  # the variant (and served model name) of the plain base model on the steering server
 STEERING_MODES = ("lora", "inject")
@@ -272,9 +272,10 @@ class Grid:
         ``task_index`` maps task names to lm-eval index entries (``eval.runner.task_index``); None skips the
         task check (unit tests of the grid shape).
         """
-        from steering.library import VectorLibrary
-        from steering.spec import Spec
-        from tunevec.checkpoint import Checkpoint
+        from tunevec.steering.library import VectorLibrary
+        from tunevec.steering.spec import Spec
+
+        from tunevec.core.checkpoint import Checkpoint
 
         where = f"grid {self.source}"
         if external_server and self.server.steering == "inject":
@@ -456,7 +457,7 @@ def _task(entry: Any, i: int, where: str, limit: Any, fewshot: Any, chat: Any) -
 
 def _canonical(text: Any, at: str) -> str | None:
     """Canonical spec text; None for the base. Syntax only: which vectors exist is Grid.check's job."""
-    from steering.spec import Spec
+    from tunevec.steering.spec import Spec
 
     if not isinstance(text, str) or not text.strip():
         raise TunevecError(f"{at}: spec must be a non-empty string, got {text!r}")
@@ -492,7 +493,7 @@ def _variant(entry: Any, at: str, path_of: Any) -> Variant:
         spec = _canonical(entry["spec"], at)
         return Variant(name=name or spec or BASE, spec=spec)
     if "tuned" in entry:
-        from steering.spec import VECTOR_NAME
+        from tunevec.steering.spec import VECTOR_NAME
 
         vec = entry["tuned"]
         if not isinstance(vec, str) or not VECTOR_NAME.fullmatch(vec):
@@ -503,7 +504,7 @@ def _variant(entry: Any, at: str, path_of: Any) -> Variant:
 
 
 def _sweep(entry: Any, at: str) -> Sweep:
-    from steering.spec import VECTOR_NAME
+    from tunevec.steering.spec import VECTOR_NAME
 
     if not isinstance(entry, dict):
         raise TunevecError(f"{at} must be a mapping like {{vector: medical, alphas: [0.5, 1, 2]}}")
@@ -542,7 +543,7 @@ def _sweep(entry: Any, at: str) -> Sweep:
 
 
 def _fill(template: str, alpha: float) -> str:
-    from steering.spec import format_number
+    from tunevec.steering.spec import format_number
 
     return template.replace("{alpha}", format_number(alpha))
 

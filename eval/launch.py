@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.grid import ServerSettings
-from tunevec.errors import TunevecError
+from tunevec.eval.grid import ServerSettings
+
+from tunevec.core.errors import TunevecError
 
 REPO = Path(__file__).resolve().parents[1]
 # Logged by steering/vllm_patches.py in each vLLM process once the CPU LoRA prompt-logprobs fix is in effect.
@@ -173,8 +174,8 @@ def inject_command(
     base: Path, vectors: Path, spec: str, served_name: str, settings: ServerSettings, port: int
 ) -> list[str]:
     """A plain vLLM server (no LoRA) whose weights are base + delta(spec), injected by tunevec's model loader."""
-    from steering.library import VectorLibrary
-    from steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
+    from tunevec.steering.library import VectorLibrary
+    from tunevec.steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
 
     loader = {
         SETTINGS_KEY: {"spec": spec, "vectors": VectorLibrary.from_dir(vectors).paths(), "base": str(base)}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.grid import Grid, safe_name
-from eval.table import Row, _primary, task_metrics
+from tunevec.eval.grid import Grid, safe_name
+from tunevec.eval.table import Row, _primary, task_metrics
 
 
 def _pyplot():

@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from eval.grid import Cell, Grid, Variant, digest, safe_name
-from eval.launch import (
+from tunevec.eval.grid import Cell, Grid, Variant, digest, safe_name
+from tunevec.eval.launch import (
     ServerProcess,
     checkpoint_command,
     free_port,
@@ -37,7 +37,8 @@ from eval.launch import (
     spawn,
     steering_command,
 )
-from tunevec.errors import TunevecError
+
+from tunevec.core.errors import TunevecError
 
 CELL_FORMAT = "tunevec.eval-cell"
 CELL_VERSION = 1
@@ -189,13 +190,13 @@ def check_remote(url: str, grid: Grid) -> dict[str, Any]:
 def _shared_config(grid: Grid, remote: dict[str, Any] | None) -> dict[str, Any]:
     from importlib.metadata import version
 
-    from tunevec.checkpoint import Checkpoint
+    from tunevec.core.checkpoint import Checkpoint
 
     vectors = {}
     if remote is not None:
         vectors = {v["name"]: digest(v) for v in remote["vectors"]}
     elif grid.vectors is not None and any(v.kind == "spec" for v in grid.variants):
-        from steering.library import VectorLibrary
+        from tunevec.steering.library import VectorLibrary
 
         for name, vec in VectorLibrary.from_dir(grid.vectors).vectors.items():
             vectors[name] = digest(sorted(e.sha256 for e in vec.manifest.tensors.values()))
@@ -208,7 +209,7 @@ def _shared_config(grid: Grid, remote: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _cell_config(cell: Cell, grid: Grid, shared: dict, task_entry: Any) -> dict[str, Any]:
-    from tunevec.checkpoint import Checkpoint
+    from tunevec.core.checkpoint import Checkpoint
 
     v, t = cell.variant, cell.task
     if v.kind == "checkpoint":
@@ -216,7 +217,7 @@ def _cell_config(cell: Cell, grid: Grid, shared: dict, task_entry: Any) -> dict[
         server = grid.server.result_key() | {"kind": "checkpoint"}
         server = {k: server[k] for k in ("kind", "dtype", "max_model_len", "extra_args")}
     else:
-        from steering.spec import Spec
+        from tunevec.steering.spec import Spec
 
         names = Spec.parse(v.spec).vectors if v.spec else ()
         variant = {

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.grid import Grid, cell_key
+from tunevec.eval.grid import Grid, cell_key
 
 
 @dataclass

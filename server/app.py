@@ -21,14 +21,14 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+from tunevec.server.config import ServerConfig
+from tunevec.server.mixtures import MixtureRegistry
+from tunevec.steering.library import VectorLibrary
+from tunevec.steering.lora import TARGET_MODULES
+from tunevec.steering.spec import Spec
 
-from server.config import ServerConfig
-from server.mixtures import MixtureRegistry
-from steering.library import VectorLibrary
-from steering.lora import TARGET_MODULES
-from steering.spec import Spec
-from tunevec.checkpoint import Checkpoint
-from tunevec.errors import NotFoundError, TunevecError
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.errors import NotFoundError, TunevecError
 
 logger = logging.getLogger("tunevec.server")
 STEERED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -307,7 +307,7 @@ def vllm_namespace(config: ServerConfig) -> Namespace:
     if config.max_model_len:
         argv += ["--max-model-len", str(config.max_model_len)]
     if config.inject:
-        from steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
+        from tunevec.steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
 
         settings = {
             "spec": config.inject,

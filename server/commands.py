@@ -45,9 +45,8 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvloop
-
-    from server.app import serve
-    from server.config import ServerConfig
+    from tunevec.server.app import serve
+    from tunevec.server.config import ServerConfig
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "run", "command", "vllm_args")}
     overrides["vllm_args"] = [a for a in args.vllm_args if a != "--"] or None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 
 @dataclass

@@ -19,14 +19,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunevec.server.config import ServerConfig
+from tunevec.steering.library import VectorLibrary
+from tunevec.steering.lora import LoraAdapter, adapter_from_vector, compose
+from tunevec.steering.spec import Spec
 from vllm.lora.request import LoRARequest
 
-from server.config import ServerConfig
-from steering.library import VectorLibrary
-from steering.lora import LoraAdapter, adapter_from_vector, compose
-from steering.spec import Spec
-from tunevec.errors import TunevecError
-from tunevec.vector import TuningVector
+from tunevec.core.errors import TunevecError
+from tunevec.core.vector import TuningVector
 
 logger = logging.getLogger("tunevec.mixtures")
 

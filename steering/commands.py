@@ -19,8 +19,8 @@ def configure_merge(parser: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from steering.inject import Injection, merge_to_checkpoint
-    from steering.library import VectorLibrary
+    from tunevec.steering.inject import Injection, merge_to_checkpoint
+    from tunevec.steering.library import VectorLibrary
 
     paths = VectorLibrary.from_dir(args.vectors).paths()
     injection = Injection.from_settings({"spec": args.spec, "vectors": paths, "base": args.base})
@@ -41,8 +41,9 @@ def configure_lora(parser: argparse.ArgumentParser) -> None:
 
 
 def run_lora(args: argparse.Namespace) -> int:
-    from steering.lora import adapter_from_vector
-    from tunevec.vector import TuningVector
+    from tunevec.steering.lora import adapter_from_vector
+
+    from tunevec.core.vector import TuningVector
 
     vec = TuningVector(args.vector)
     adapter = adapter_from_vector(

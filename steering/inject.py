@@ -1,9 +1,9 @@
 """Exact, full-rank injection: theta = theta_base + delta(spec), applied to each tensor as it streams in.
 
 One ``Injection`` serves three consumers, so they cannot drift apart:
-- vLLM's model loader (``steering.vllm_loader``), which yields injected tensors to the engine while it loads;
+- vLLM's model loader (``tunevec.steering.vllm_loader``), which yields injected tensors to the engine while it loads;
 - ``tunevec merge``, which writes the injected model as a plain HF checkpoint;
-- the PyTorch reference used by the tests (``steering.reference``).
+- the PyTorch reference used by the tests (``tunevec.steering.reference``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tunevec.steering.library import VectorLibrary
+from tunevec.steering.spec import Spec
 
-from steering.library import VectorLibrary
-from steering.spec import Spec
-from tunevec.checkpoint import Checkpoint
-from tunevec.errors import TunevecError
-from tunevec.vector import TENSORS_FILE, SafetensorsWriter
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.errors import TunevecError
+from tunevec.core.vector import TENSORS_FILE, SafetensorsWriter
 
 
 class Injection:

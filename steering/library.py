@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from steering.spec import VECTOR_NAME
-from tunevec.checkpoint import Checkpoint
-from tunevec.errors import TunevecError
-from tunevec.vector import MANIFEST_FILE, TuningVector
+from tunevec.steering.spec import VECTOR_NAME
+
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.errors import TunevecError
+from tunevec.core.vector import MANIFEST_FILE, TuningVector
 
 
 class VectorLibrary:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tunevec.steering.spec import Spec
 
-from analysis.decompose import factorise
-from steering.spec import Spec
-from tunevec.errors import TunevecError
-from tunevec.roles import classify
-from tunevec.vector import TuningVector
+from tunevec.core.errors import TunevecError
+from tunevec.core.linalg import factorise
+from tunevec.core.roles import classify
+from tunevec.core.vector import TuningVector
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

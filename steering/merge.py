@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 # Method name -> {parameter: default}. A spec fills in every default, so its canonical text names all parameters
 # and keeps its meaning even if a default changes later.

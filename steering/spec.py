@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
+from tunevec.steering.merge import METHODS, dare_generator, merge_dare, merge_linear, merge_ties
 
-from steering.merge import METHODS, dare_generator, merge_dare, merge_linear, merge_ties
-from tunevec.errors import NotFoundError, TunevecError
-from tunevec.roles import classify
+from tunevec.core.errors import NotFoundError, TunevecError
+from tunevec.core.roles import classify
 
-# Scope -> the tunevec.roles roles it covers; None means every tensor, whatever its role.
+# Scope -> the tunevec.core.roles roles it covers; None means every tensor, whatever its role.
 SCOPES: dict[str, frozenset[str] | None] = {
     "all": None,
     "attention": frozenset({"attention"}),

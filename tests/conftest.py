@@ -61,9 +61,9 @@ def smol_vectors(smol_fixtures: Path) -> Path:
 
 def extracted_vectors(fixtures: Path, out: Path) -> Path:
     """`out` with `medical/` and `math/` extracted from ``fixtures``, re-extracted when built from another base."""
-    from tunevec.checkpoint import Checkpoint
-    from tunevec.errors import TunevecError
-    from tunevec.vector import TuningVector, extract
+    from tunevec.core.checkpoint import Checkpoint
+    from tunevec.core.errors import TunevecError
+    from tunevec.core.vector import TuningVector, extract
 
     base = Checkpoint(fixtures / "base")
     for name in ("medical", "math"):

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from analysis import (
+from tunevec.analysis import (
     SimilarityAccumulator,
     alignment_summary,
     allocate_ranks,
@@ -27,8 +26,9 @@ from analysis import (
     stable_rank,
     subspace_share,
 )
-from analysis.similarity import pair_sums
-from tunevec.errors import TunevecError
+from tunevec.analysis.similarity import pair_sums
+
+from tunevec.core.errors import TunevecError
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -448,7 +448,7 @@ def test_accumulator_overall_cosine_equals_cosine_of_concatenation() -> None:
 
 
 def test_pair_sums_chunking_matches_direct_fp64_sums(monkeypatch: pytest.MonkeyPatch) -> None:
-    import analysis.similarity as similarity
+    import tunevec.analysis.similarity as similarity
 
     g = gen(19)
     a, b = torch.randn(1000, generator=g).bfloat16(), torch.randn(1000, generator=g)

@@ -11,16 +11,16 @@ import json
 from pathlib import Path
 
 import pytest
+import tunevec.eval.runner
 import yaml
 from synthetic import llama_like, perturbed, write_model
+from tunevec.eval.grid import BASE, Grid, cell_key
+from tunevec.eval.runner import metrics_of, primary_metric
+from tunevec.eval.table import build_rows, to_markdown
 
-import eval.runner
-from eval.grid import BASE, Grid, cell_key
-from eval.runner import metrics_of, primary_metric
-from eval.table import build_rows, to_markdown
 from tunevec.cli import main
-from tunevec.errors import TunevecError
-from tunevec.vector import extract
+from tunevec.core.errors import TunevecError
+from tunevec.core.vector import extract
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GRID = REPO / "eval" / "grids" / "tiny.yaml"
@@ -34,7 +34,7 @@ def no_servers(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("a server was started for a grid that should have been refused")
 
-    monkeypatch.setattr(eval.runner, "spawn", tripwire)
+    monkeypatch.setattr(tunevec.eval.runner, "spawn", tripwire)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_cell_keys_are_file_safe_and_distinct_for_specs_that_differ_only_in_punc
 def test_command_line_variants_tasks_and_sweeps_replace_the_grid_files(tmp_path):
     import argparse
 
-    from eval.commands import configure_eval, grid_from_args
+    from tunevec.eval.commands import configure_eval, grid_from_args
 
     parser = argparse.ArgumentParser()
     configure_eval(parser)
@@ -162,7 +162,7 @@ def test_command_line_variants_tasks_and_sweeps_replace_the_grid_files(tmp_path)
 def test_malformed_grid_is_refused_with_a_clear_error_before_any_server_starts(
     synthetic_world, tmp_path, capsys, no_servers, grid, message, monkeypatch
 ):
-    monkeypatch.setattr(eval.runner, "task_manager", _local_only_task_manager)
+    monkeypatch.setattr(tunevec.eval.runner, "task_manager", _local_only_task_manager)
     path = write_grid(tmp_path, grid.replace("TASKS", str(synthetic_world / "tasks")))
     code = main(
         ["eval", "--grid", str(path), "--base", str(synthetic_world / "models" / "base"),
@@ -204,7 +204,7 @@ def test_grid_file_paths_are_relative_to_the_file(tmp_path):
 
 
 def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_world, tmp_path, monkeypatch):
-    monkeypatch.setattr(eval.runner, "task_manager", _local_only_task_manager)
+    monkeypatch.setattr(tunevec.eval.runner, "task_manager", _local_only_task_manager)
 
     def plan(limit):
         grid = Grid.from_dict(
@@ -212,7 +212,7 @@ def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_w
              "base": str(synthetic_world / "models" / "base"), "vectors": str(synthetic_world / "vectors"),
              "include_path": [str(synthetic_world / "tasks")]}
         )  # fmt: skip
-        return eval.runner.prepare(grid, tmp_path)
+        return tunevec.eval.runner.prepare(grid, tmp_path)
 
     first = plan(5)
     assert [c.done for c in first.cells] == [False, False]
@@ -223,11 +223,11 @@ def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_w
     assert [c.done for c in plan(4).cells] == [False, False]  # another limit: another config
     again = plan(5)
     assert again.cells[0].config_hash == base.config_hash
-    assert len(eval.runner.prepare(again.grid, tmp_path, fresh=True).todo) == 2
+    assert len(tunevec.eval.runner.prepare(again.grid, tmp_path, fresh=True).todo) == 2
 
 
 def test_inject_mode_gives_every_variant_its_own_server_and_lora_mode_shares_one():
-    from eval.runner import PlannedCell, _groups
+    from tunevec.eval.runner import PlannedCell, _groups
 
     def groups(steering):
         grid = Grid.from_dict(
@@ -315,9 +315,11 @@ def test_grid_of_two_variants_runs_end_to_end_and_a_second_run_skips_finished_ce
     # Resume: delete one finished cell; only that cell runs again, with the same scores.
     (out / "cells" / "medical__tunevec_medical_mcq.json").unlink()
     ran: list[str] = []
-    real_run_cell = eval.runner.run_cell
+    real_run_cell = tunevec.eval.runner.run_cell
     monkeypatch.setattr(
-        eval.runner, "run_cell", lambda run, p, *a: ran.append(p.cell.key) or real_run_cell(run, p, *a)
+        tunevec.eval.runner,
+        "run_cell",
+        lambda run, p, *a: ran.append(p.cell.key) or real_run_cell(run, p, *a),
     )
     assert run_cli(tiny_fixtures, tiny_vectors, out) == 0
     assert ran == ["medical__tunevec_medical_mcq"]
@@ -326,7 +328,7 @@ def test_grid_of_two_variants_runs_end_to_end_and_a_second_run_skips_finished_ce
     assert _scores(json.loads((out / "results.json").read_text())["results"]) == _scores(table)
 
     # Everything finished: a third run starts no server at all.
-    monkeypatch.setattr(eval.runner, "spawn", lambda *a, **k: pytest.fail("a server was started"))
+    monkeypatch.setattr(tunevec.eval.runner, "spawn", lambda *a, **k: pytest.fail("a server was started"))
     assert run_cli(tiny_fixtures, tiny_vectors, out) == 0
     assert "2 finished, 0 to run" in capsys.readouterr().out
 
@@ -379,7 +381,7 @@ def test_inject_mode_serves_base_plus_tau_exactly_as_the_tuned_checkpoint(
 
 
 def test_choice_stats_read_gold_and_wrong_answer_log_likelihoods_from_the_sample_logs(tmp_path):
-    from eval.choices import choice_stats, to_markdown
+    from tunevec.eval.choices import choice_stats, to_markdown
 
     def cell(variant, docs):
         out = tmp_path / "lm-eval" / variant

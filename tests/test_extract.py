@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from synthetic import llama_like, perturbed, write_model
 
-from tunevec.checkpoint import Checkpoint
-from tunevec.errors import TunevecError
-from tunevec.vector import TuningVector, extract
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.errors import TunevecError
+from tunevec.core.vector import TuningVector, extract
 
 
 def test_extracted_tau_equals_tuned_minus_base_tensor_by_tensor(tmp_path):

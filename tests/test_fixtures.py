@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 from tunevec.fixtures import build_fixtures
 from tunevec.fixtures.build import MANIFEST
 from tunevec.fixtures.config import CorpusConfig, cache_key, resolve_config

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from synthetic import llama_like, perturbed, write_model
+from tunevec.steering.inject import Injection, merge_to_checkpoint
+from tunevec.steering.library import VectorLibrary
 
-from steering.inject import Injection, merge_to_checkpoint
-from steering.library import VectorLibrary
-from tunevec.checkpoint import Checkpoint
-from tunevec.errors import TunevecError
-from tunevec.vector import extract
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.errors import TunevecError
+from tunevec.core.vector import extract
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tunevec.steering.merge import dare_generator, merge_dare, merge_linear, merge_ties, trim
+from tunevec.steering.spec import Spec
 
-from steering.merge import dare_generator, merge_dare, merge_linear, merge_ties, trim
-from steering.spec import Spec
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 UP0 = "model.layers.0.mlp.up_proj.weight"
 Q3 = "model.layers.3.self_attn.q_proj.weight"
@@ -120,7 +120,7 @@ def test_dare_deltas_do_not_depend_on_streaming_order():
 def test_dare_deltas_are_bit_identical_in_another_process():
     code = (
         "import torch, sys\n"
-        "from steering.spec import Spec\n"
+        "from tunevec.steering.spec import Spec\n"
         "g = torch.Generator().manual_seed(1)\n"
         "taus = {'medical': torch.randn(8, 16, generator=g), 'math': torch.randn(8, 16, generator=g)}\n"
         f"d = Spec.parse('dare(density=0.5;seed=3)/medical+math:0.5').delta_for({UP0!r}, taus)\n"

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 from synthetic import llama_like, perturbed, write_model
+from tunevec.server.config import ServerConfig
+from tunevec.server.mixtures import MixtureRegistry
+from tunevec.steering.library import VectorLibrary
 
-from server.config import ServerConfig
-from server.mixtures import MixtureRegistry
-from steering.library import VectorLibrary
-from tunevec.errors import NotFoundError, TunevecError
-from tunevec.vector import extract
+from tunevec.core.errors import NotFoundError, TunevecError
+from tunevec.core.vector import extract
 
 
 @pytest.fixture
@@ -71,17 +71,17 @@ def test_disk_cache_is_bounded_and_spares_recent_and_registered_mixtures(registr
     import os
     import time
 
-    import server.mixtures
+    import tunevec.server.mixtures
 
     reg = registry_factory(adapter_rank=2, cache_capacity=1)
-    monkeypatch.setattr(server.mixtures, "DISK_FACTOR", 2)  # keep 2 folders on disk
+    monkeypatch.setattr(tunevec.server.mixtures, "DISK_FACTOR", 2)  # keep 2 folders on disk
     folders = reg.cache_dir / "mixtures"
     specs = ["medical", "math", "medical:0.5"]
     for spec in specs:
         asyncio_run(reg.resolve(reg.parse(spec)))
     assert len(list(folders.iterdir())) == 3  # over the bound, but every folder was used moments ago
 
-    long_ago = time.time() - 2 * server.mixtures.KEEP_RECENT_S
+    long_ago = time.time() - 2 * tunevec.server.mixtures.KEEP_RECENT_S
     for age, folder in enumerate(sorted(folders.iterdir())):
         os.utime(folder, (long_ago + age, long_ago + age))
     registered = reg.loaded()[0].request.lora_path

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 from synthetic import llama_like, perturbed, write_model
+from tunevec.analysis.alignment import alignment_summary
+from tunevec.analysis.probe import BUILTIN_PROBE, ProbeSettings, representation_change
+from tunevec.analysis.report import ReportOptions, build_report
 
-from analysis.alignment import alignment_summary
-from analysis.probe import BUILTIN_PROBE, ProbeSettings, representation_change
-from analysis.report import ReportOptions, build_report
 from tunevec.cli import main
-from tunevec.errors import TunevecError
-from tunevec.roles import classify
-from tunevec.vector import extract
+from tunevec.core.errors import TunevecError
+from tunevec.core.roles import classify
+from tunevec.core.vector import extract
 
 HIDDEN = 16
 K = 4

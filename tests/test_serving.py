@@ -14,11 +14,11 @@ import openai
 import pytest
 from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
 from transformers import AutoTokenizer
+from tunevec.steering.lora import adapter_from_vector, compose
+from tunevec.steering.spec import Spec
 
-from steering.lora import adapter_from_vector, compose
-from steering.spec import Spec
-from tunevec.checkpoint import Checkpoint
-from tunevec.vector import TuningVector
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.vector import TuningVector
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "fixtures": (
@@ -19,20 +19,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "build the offline base/tuned model fixtures and lm-eval tasks",
     ),
     "extract": (
-        "analysis.commands:configure_extract",
+        "tunevec.analysis.commands:configure_extract",
         "extract a tuning vector tau = tuned - base, streamed",
     ),
     "analyze": (
-        "analysis.commands:configure_analyze",
+        "tunevec.analysis.commands:configure_analyze",
         "analyse tuning vectors: size, rank, alignment, CKA, similarity",
     ),
-    "merge": ("steering.commands:configure_merge", "write base + spec as a plain HF checkpoint"),
+    "merge": ("tunevec.steering.commands:configure_merge", "write base + spec as a plain HF checkpoint"),
     "lora": (
-        "steering.commands:configure_lora",
+        "tunevec.steering.commands:configure_lora",
         "factorise a tuning vector into a PEFT LoRA adapter vLLM loads",
     ),
-    "serve": ("server.commands:configure_serve", "OpenAI-compatible server with per-request vector mixing"),
-    "eval": ("eval.commands:configure_eval", "lm-eval over a grid of variants x tasks, resumable"),
+    "serve": (
+        "tunevec.server.commands:configure_serve",
+        "OpenAI-compatible server with per-request vector mixing",
+    ),
+    "eval": ("tunevec.eval.commands:configure_eval", "lm-eval over a grid of variants x tasks, resumable"),
 }
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_GRID = REPO / "eval" / "grids" / "demo.yaml"
@@ -36,8 +36,8 @@ def say(message: str) -> None:
 
 def extract_vectors(fixtures: Path, out: Path) -> Path:
     """medical/ and math/ under ``out``; an artifact is reused only if its base and tuned fingerprints match."""
-    from tunevec.checkpoint import Checkpoint
-    from tunevec.vector import TuningVector, extract
+    from tunevec.core.checkpoint import Checkpoint
+    from tunevec.core.vector import TuningVector, extract
 
     base_fp = Checkpoint(fixtures / "base").fingerprint()
     for name in DOMAINS:
@@ -83,9 +83,9 @@ def analyse(fixtures: Path, vectors: Path, out: Path) -> Path | None:
 
 
 def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
-    from eval.choices import choice_stats, to_markdown
-    from eval.commands import evaluate
-    from eval.grid import Grid
+    from tunevec.eval.choices import choice_stats, to_markdown
+    from tunevec.eval.commands import evaluate
+    from tunevec.eval.grid import Grid
     from tunevec.fixtures import build_fixtures
 
     artifacts = artifacts.resolve()
@@ -120,7 +120,9 @@ def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
     print()
     try:
         choices = to_markdown(choice_stats(out, MCQ_TASK))
-        print(f"Answer log-likelihoods behind {MCQ_TASK} (python -m eval.choices {out} --task {MCQ_TASK}):")
+        print(
+            f"Answer log-likelihoods behind {MCQ_TASK} (python -m tunevec.eval.choices {out} --task {MCQ_TASK}):"
+        )
         print(choices + "\n")
     except TunevecError as exc:  # a failed cell must not hide the rest of the summary
         say(f"answer log-likelihoods not shown: {exc}")

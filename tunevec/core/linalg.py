@@ -1,7 +1,7 @@
-"""Spectra, ranks and low-rank factorisation of one tuning-vector matrix τ = θ_tuned − θ_base.
+"""Linear algebra of one tuning-vector matrix τ = θ_tuned − θ_base: spectra, ranks, low-rank factorisation.
 
 Every function here takes a 2-D matrix (out × in) or a 1-D spectrum. Biases, norms and other 1-D tensors have no
-spectrum; the caller skips them (``tunevec.roles.classify(name).is_linear`` says which tensors are matrices).
+spectrum; the caller skips them (``tunevec.core.roles.classify(name).is_linear`` says which tensors are matrices).
 Computation is in fp32 (fp64 inputs stay fp64); sums of squares are accumulated in fp64.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunevec.errors import TunevecError
+from tunevec.core.errors import TunevecError
 
 METHODS = ("full", "randomized")
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tunevec.checkpoint import ST_FLOAT_DTYPES, Checkpoint, read_safetensors_header
-from tunevec.errors import TunevecError
-from tunevec.roles import classify
+from tunevec.core.checkpoint import ST_FLOAT_DTYPES, Checkpoint, read_safetensors_header
+from tunevec.core.errors import TunevecError
+from tunevec.core.roles import classify
 
 FORMAT = "tunevec.tuning-vector"
 VERSION = 1

@@ -23,7 +23,7 @@ def configure_extract(parser: argparse.ArgumentParser) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from tunevec.core.vector import extract
+    from tunevec.core.extract import extract
 
     vec = extract(args.base, args.tuned, args.out, name=args.name, dtype=args.dtype, force=args.force)
     m = vec.manifest

@@ -124,7 +124,7 @@ def child(kind: str, root: Path) -> None:
     # Imports stay outside the timed region for every row.
     from safetensors import safe_open
 
-    from tunevec.core.vector import extract
+    from tunevec.core.extract import extract
 
     t0 = time.perf_counter()
     if kind == "read":

@@ -63,7 +63,8 @@ def extracted_vectors(fixtures: Path, out: Path) -> Path:
     """`out` with `medical/` and `math/` extracted from ``fixtures``, re-extracted when built from another base."""
     from tunevec.core.checkpoint import Checkpoint
     from tunevec.core.errors import TunevecError
-    from tunevec.core.vector import TuningVector, extract
+    from tunevec.core.extract import extract
+    from tunevec.core.vector import TuningVector
 
     base = Checkpoint(fixtures / "base")
     for name in ("medical", "math"):

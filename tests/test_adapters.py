@@ -12,7 +12,7 @@ from tunevec.steering.lora import LoraAdapter, adapter_from_vector, compose, tru
 from tunevec.steering.spec import Spec
 
 from tunevec.core.errors import TunevecError
-from tunevec.core.vector import extract
+from tunevec.core.extract import extract
 
 UP = "model.layers.1.mlp.up_proj.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"

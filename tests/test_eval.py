@@ -20,7 +20,7 @@ from tunevec.eval.table import build_rows, to_markdown
 
 from tunevec.cli import main
 from tunevec.core.errors import TunevecError
-from tunevec.core.vector import extract
+from tunevec.core.extract import extract
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GRID = REPO / "eval" / "grids" / "tiny.yaml"

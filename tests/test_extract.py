@@ -9,7 +9,8 @@ from synthetic import llama_like, perturbed, write_model
 
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
-from tunevec.core.vector import TuningVector, extract
+from tunevec.core.extract import extract
+from tunevec.core.vector import TuningVector
 
 
 def test_extracted_tau_equals_tuned_minus_base_tensor_by_tensor(tmp_path):

@@ -11,7 +11,7 @@ from tunevec.steering.library import VectorLibrary
 
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
-from tunevec.core.vector import extract
+from tunevec.core.extract import extract
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from tunevec.server.mixtures import MixtureRegistry
 from tunevec.steering.library import VectorLibrary
 
 from tunevec.core.errors import NotFoundError, TunevecError
-from tunevec.core.vector import extract
+from tunevec.core.extract import extract
 
 
 @pytest.fixture

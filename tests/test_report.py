@@ -14,8 +14,8 @@ from tunevec.analysis.report import ReportOptions, build_report
 
 from tunevec.cli import main
 from tunevec.core.errors import TunevecError
+from tunevec.core.extract import extract
 from tunevec.core.roles import classify
-from tunevec.core.vector import extract
 
 HIDDEN = 16
 K = 4

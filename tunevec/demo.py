@@ -37,7 +37,8 @@ def say(message: str) -> None:
 def extract_vectors(fixtures: Path, out: Path) -> Path:
     """medical/ and math/ under ``out``; an artifact is reused only if its base and tuned fingerprints match."""
     from tunevec.core.checkpoint import Checkpoint
-    from tunevec.core.vector import TuningVector, extract
+    from tunevec.core.extract import extract
+    from tunevec.core.vector import TuningVector
 
     base_fp = Checkpoint(fixtures / "base").fingerprint()
     for name in DOMAINS:

@@ -1,0 +1,263 @@
+"""Extraction: tau = theta_tuned - theta_base, streamed tensor by tensor into a tuning-vector artifact.
+
+Plans first (which tensors, which policy for each mismatch) so a pair that cannot give a defined tau fails before
+any tensor is read; then holds at most one tensor pair in memory, reading into reused buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from tunevec.core.checkpoint import ST_FLOAT_DTYPES, Checkpoint
+from tunevec.core.errors import TunevecError
+from tunevec.core.roles import classify
+from tunevec.core.vector import (
+    DTYPES,
+    FORMAT,
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    Manifest,
+    SafetensorsWriter,
+    TensorEntry,
+    TuningVector,
+    _replace_dir,
+    _write_json_durably,
+)
+
+
+def plan_extraction(base: Checkpoint, tuned: Checkpoint) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+    """Decide which tensors tau covers and how mismatches are handled, before any tensor is read.
+
+    Returns the (name, shape) plan and the policies report. Raises on mismatches that have no safe policy.
+    """
+    if base.architecture != tuned.architecture:
+        raise TunevecError(
+            f"architectures differ: base {base.path} is {base.architecture}, tuned {tuned.path} is "
+            f"{tuned.architecture}; a tuning vector needs a fine-tune of the same model"
+        )
+    b, t = set(base.tensors), set(tuned.tensors)
+    policies: dict = {"tied_embeddings": base.tie_word_embeddings, "vocab_extension": [], "skipped": []}
+    # A tied head is the embedding; a checkpoint that stores both copies gets one tau, on the embedding.
+    for ckpt in (base, tuned):
+        if ckpt.tie_word_embeddings and "lm_head.weight" in ckpt.tensors:
+            (b if ckpt is base else t).discard("lm_head.weight")
+    if base.tie_word_embeddings != tuned.tie_word_embeddings:
+        raise TunevecError(
+            f"tied embeddings differ: base tie_word_embeddings={base.tie_word_embeddings}, tuned "
+            f"{tuned.tie_word_embeddings}; tau of an untied head against a tied one is not defined"
+        )
+    if b != t:
+        only_b, only_t = sorted(b - t), sorted(t - b)
+        raise TunevecError(
+            f"tensor names differ ({len(only_b)} only in base, e.g. {only_b[:3]}; {len(only_t)} only in tuned, "
+            f"e.g. {only_t[:3]}); both checkpoints must come from the same architecture"
+        )
+    plan: list[tuple[str, tuple[int, ...]]] = []
+    for name in base.names():
+        if name not in b:
+            continue
+        bi, ti = base.tensors[name], tuned.tensors[name]
+        if not (bi.dtype in ST_FLOAT_DTYPES and ti.dtype in ST_FLOAT_DTYPES):
+            policies["skipped"].append({"tensor": name, "reason": f"non-float dtype {bi.dtype}"})
+            continue
+        if bi.shape == ti.shape:
+            plan.append((name, bi.shape))
+            continue
+        role = classify(name).role
+        grown = (
+            role in ("embedding", "head")
+            and len(bi.shape) == 2
+            and bi.shape[1] == ti.shape[1]
+            and ti.shape[0] > bi.shape[0]
+        )
+        if not grown:
+            raise TunevecError(f"shape mismatch for {name!r}: base {bi.shape}, tuned {ti.shape}")
+        policies["vocab_extension"].append(
+            {
+                "tensor": name,
+                "base_rows": bi.shape[0],
+                "tuned_rows": ti.shape[0],
+                "added_rows": ti.shape[0] - bi.shape[0],
+            }
+        )
+        plan.append((name, bi.shape))
+    return plan, policies
+
+
+def extract(
+    base_path: str | os.PathLike[str],
+    tuned_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+) -> TuningVector:
+    """Stream tau = tuned - base into an artifact at ``out``; at most one tensor pair is in memory at a time.
+
+    The shared rows of an enlarged vocabulary are kept (tau covers the base's rows) and the added rows are
+    reported in ``policies.vocab_extension`` with their norm.
+
+    ``dtype="auto"`` stores tau in the checkpoints' own float dtype (float32 when they differ). tau is always
+    computed in float32; the difference of two bf16 numbers within a factor 2 of each other is exact in bf16
+    (Sterbenz), so storing it narrow rarely rounds, and where it does the manifest says how much
+    (``policies.rounding``). Half the bytes to hash and write as a float32 tau of a bf16 model.
+    """
+    from tqdm import tqdm
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise TunevecError(f"dtype {dtype!r} not supported; choose auto or one of {sorted(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise TunevecError(f"{out} already exists; pass --force to replace it")
+    base, tuned = Checkpoint(base_path), Checkpoint(tuned_path)
+    plan, policies = plan_extraction(base, tuned)
+    if dtype == "auto":
+        dtype = _common_dtype(base, tuned, [n for n, _ in plan])
+    vname = name or tuned.path.name
+    torch_dtype = DTYPES[dtype]
+    t0 = time.perf_counter()
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writer = SafetensorsWriter(
+            tmp / TENSORS_FILE, [(n, torch_dtype, s) for n, s in plan], {"format": FORMAT, "name": vname}
+        )
+        grown = {v["tensor"]: v for v in policies["vocab_extension"]}
+        entries: dict[str, TensorEntry] = {}
+        total = sum(base.tensors[n].nbytes + tuned.tensors[n].nbytes for n, _ in plan)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {vname}", disable=not progress)
+        # Hashing and writing tensor i (hashlib and file writes release the GIL) overlaps reading and subtracting
+        # tensor i+1; at most one tensor waits for the writer, so memory stays bounded.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunevec-writer") as pool:
+            pending: tuple[str, Future] | None = None
+            buffers = _Buffers()
+            rounding = _Rounding()
+            for i, (name_, shape) in enumerate(plan):
+                w_base = base.read_into(name_, buffers.get("base", torch.float32, shape))
+                # tau is computed in place in the tuned buffer; when it is also what gets written, two buffers
+                # take turns, since the writer may still hold the previous tensor's.
+                slot = f"tuned{i % 2}" if torch_dtype == torch.float32 else "tuned"
+                w_tuned = tuned.read_into(name_, buffers.get(slot, torch.float32, tuned.tensors[name_].shape))
+                if name_ in grown:
+                    added = w_tuned[shape[0] :]
+                    grown[name_]["added_rows_norm"] = float(added.norm())
+                    w_tuned = w_tuned[: shape[0]]
+                tau = w_tuned.sub_(w_base)
+                role = classify(name_)
+                entries[name_] = TensorEntry(
+                    name=name_,
+                    shape=list(shape),
+                    role=role.role,
+                    layer=role.layer,
+                    module=role.module,
+                    norm=float(tau.norm()),
+                    base_norm=float(w_base.norm()),
+                    sha256="",
+                )
+                if torch_dtype == torch.float32:
+                    stored = tau
+                else:
+                    stored = buffers.get(f"out{i % 2}", torch_dtype, shape).copy_(tau)
+                    rounding.add(stored, tau, entries[name_].norm, scratch=w_base)
+                del w_base, w_tuned, tau
+                if pending is not None:
+                    entries[pending[0]].sha256 = pending[1].result()
+                pending = (name_, pool.submit(writer.write, name_, stored))
+                del stored
+                bar.update(base.tensors[name_].nbytes + tuned.tensors[name_].nbytes)
+            if pending is not None:
+                entries[pending[0]].sha256 = pending[1].result()
+        bar.close()
+        writer.close()
+        if torch_dtype != torch.float32:
+            policies["rounding"] = rounding.report(dtype)
+        manifest = Manifest(
+            name=vname,
+            dtype=dtype,
+            base=_describe(base),
+            tuned=_describe(tuned),
+            tensors=entries,
+            policies=policies,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        manifest.policies["extract_seconds"] = round(time.perf_counter() - t0, 3)
+        _write_json_durably(tmp / MANIFEST_FILE, manifest.to_json())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TuningVector(out)
+
+
+def _common_dtype(base: Checkpoint, tuned: Checkpoint, names: list[str]) -> str:
+    """The one storage dtype of every planned tensor on both sides, if tau can be stored in it; else float32."""
+    codes = {c.tensors[n].dtype for c in (base, tuned) for n in names}
+    names_by_dtype = {t: name for name, t in DTYPES.items()}
+    only = ST_FLOAT_DTYPES.get(codes.pop()) if len(codes) == 1 else None
+    return names_by_dtype.get(only, "float32")
+
+
+class _Rounding:
+    """How far storing tau in a narrower dtype moved it from the float32 difference, summed over tensors."""
+
+    def __init__(self) -> None:
+        self.tensors = self.entries = self.total = 0
+        self.max_abs = self.err_sq = self.tau_sq = 0.0
+
+    def add(self, stored: torch.Tensor, tau: torch.Tensor, tau_norm: float, scratch: torch.Tensor) -> None:
+        err = scratch.copy_(stored).sub_(tau)  # scratch: a float32 buffer of tau's shape that is free now
+        moved = int(torch.count_nonzero(err))
+        self.total += tau.numel()
+        self.tau_sq += tau_norm**2
+        if moved:
+            self.tensors += 1
+            self.entries += moved
+            self.max_abs = max(self.max_abs, float(err.abs_().max()))
+            self.err_sq += float(err.norm()) ** 2
+
+    def report(self, dtype: str) -> dict:
+        return {
+            "dtype": dtype,
+            "tensors_rounded": self.tensors,
+            "entries_rounded": self.entries,
+            "entries": self.total,
+            "max_abs_error": self.max_abs,
+            "relative_error": (self.err_sq / self.tau_sq) ** 0.5 if self.tau_sq else 0.0,
+        }
+
+
+class _Buffers:
+    """Flat buffers reused across tensors, grown to the largest seen: allocating fresh multi-GB tensors for every
+    tensor pair made the kernel's page faulting the largest single cost of extraction (bench/bench_extract.py)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._flat.get(key)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            self._flat.pop(key, None)  # free the old one before allocating its replacement
+            buf = self._flat[key] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(tuple(shape))
+
+
+def _describe(ckpt: Checkpoint) -> dict:
+    return {
+        "path": str(ckpt.path.resolve()),
+        "fingerprint": ckpt.fingerprint(),
+        "architecture": ckpt.architecture,
+        "num_layers": ckpt.num_layers,
+        "num_tensors": len(ckpt.tensors),
+    }

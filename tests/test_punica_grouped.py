@@ -11,10 +11,9 @@ import random
 
 import pytest
 import torch
+from tunevec.steering.punica_grouped import STACKED_MAX_TOKENS, PunicaWrapperGrouped, plan_runs
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
-
-from tunevec.steering.punica_grouped import STACKED_MAX_TOKENS, PunicaWrapperGrouped, plan_runs
 
 MAX_LORAS = 4
 MAX_RANK = 16
@@ -104,7 +103,10 @@ def test_both_strategies_are_exercised() -> None:
     decode = wrapper_for(CASES["decode, interleaved adapters"], SLOT_IDS)
     prefill = wrapper_for(CASES["prefill, several requests and base tokens"], SLOT_IDS)
     assert decode._plan.stacked and len(decode._plan.runs) > 1
-    assert not prefill._plan.stacked and len(CASES["prefill, several requests and base tokens"]) > STACKED_MAX_TOKENS
+    assert (
+        not prefill._plan.stacked
+        and len(CASES["prefill, several requests and base tokens"]) > STACKED_MAX_TOKENS
+    )
 
 
 def test_all_zero_module_costs_no_pack_and_changes_nothing() -> None:
@@ -132,7 +134,9 @@ def test_new_weights_in_a_slot_are_used_after_invalidation() -> None:
     wrapper.invalidate_slot(0)
     got = torch.zeros(len(ids), 48)
     wrapper.add_lora_linear(got, x, a_stk, b_stk, 1.0, (48,))
-    want = reference_linear(torch.zeros(len(ids), 48), x, a_stk, b_stk, torch.zeros(len(ids), dtype=torch.long), (48,))
+    want = reference_linear(
+        torch.zeros(len(ids), 48), x, a_stk, b_stk, torch.zeros(len(ids), dtype=torch.long), (48,)
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -151,7 +155,9 @@ def test_slot_reassigned_to_another_adapter_drops_old_packs() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["prefill, several requests and base tokens", "decode, interleaved adapters"])
+@pytest.mark.parametrize(
+    "case", ["prefill, several requests and base tokens", "decode, interleaved adapters"]
+)
 def test_grouped_embedding_matches_vllm_reference_ops(case: str) -> None:
     gen = torch.Generator().manual_seed(7)
     dim = 20

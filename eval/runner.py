@@ -39,6 +39,7 @@ from tunevec.eval.launch import (
 )
 
 from tunevec.core.errors import TunevecError
+from tunevec.core.files import write_file_atomically
 
 CELL_FORMAT = "tunevec.eval-cell"
 CELL_VERSION = 1
@@ -572,10 +573,7 @@ def _short(exc: BaseException) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_file_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,18 +16,16 @@ import torch
 
 from tunevec.core.checkpoint import ST_FLOAT_DTYPES, Checkpoint
 from tunevec.core.errors import TunevecError
+from tunevec.core.files import StagedFolder
 from tunevec.core.roles import classify
 from tunevec.core.vector import (
     DTYPES,
     FORMAT,
-    MANIFEST_FILE,
     TENSORS_FILE,
     Manifest,
     SafetensorsWriter,
     TensorEntry,
     TuningVector,
-    _replace_dir,
-    _write_json_durably,
 )
 
 
@@ -126,9 +123,8 @@ def extract(
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    staged = StagedFolder(out, replace=force)
+    tmp = staged.path
     try:
         writer = SafetensorsWriter(
             tmp / TENSORS_FILE, [(n, torch_dtype, s) for n, s in plan], {"format": FORMAT, "name": vname}
@@ -192,10 +188,10 @@ def extract(
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         manifest.policies["extract_seconds"] = round(time.perf_counter() - t0, 3)
-        _write_json_durably(tmp / MANIFEST_FILE, manifest.to_json())
-        _replace_dir(tmp, out)
+        manifest.write(tmp)
+        staged.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
     return TuningVector(out)
 

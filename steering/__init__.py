@@ -1,6 +1,10 @@
-"""Steering: variant specifications (which tuning vectors, how strongly, where) and the merge methods that apply them."""
+"""Steering: variant specifications (which tuning vectors, how strongly, where) and the merge methods that apply them.
 
-from tunevec.steering.merge import METHODS, merge_dare, merge_linear, merge_ties
-from tunevec.steering.spec import SCOPES, Component, Spec
+The package itself imports nothing, so ``import tunevec.steering.spec`` (what a server does to read a request)
+does not load torch. Import what you need from its modules:
 
-__all__ = ["METHODS", "SCOPES", "Component", "Spec", "merge_dare", "merge_linear", "merge_ties"]
+- ``tunevec.steering.spec``: ``Spec``, ``Component``, ``SCOPES`` and the parsing limits (no torch);
+- ``tunevec.steering.merge``: the merge methods and their registry ``METHODS`` (torch only when a merge runs);
+- ``tunevec.steering.delta``: ``delta_for``, a spec applied to one checkpoint tensor;
+- ``tunevec.steering.inject``: full-rank injection into a checkpoint stream (``merge_to_checkpoint``).
+"""

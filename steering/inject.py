@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tunevec.steering.delta import delta_for
 from tunevec.steering.library import VectorLibrary
 from tunevec.steering.spec import Spec
 
@@ -59,7 +60,7 @@ class Injection:
         }
         if not taus:
             return None
-        return self.spec.delta_for(name, taus)
+        return delta_for(self.spec, name, taus)
 
     def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         delta = self.delta(name)

@@ -1,4 +1,4 @@
-"""Merge methods on small tensors, and Spec.delta_for applying them per checkpoint tensor."""
+"""Merge methods on small tensors, their registry, and delta_for applying a spec per checkpoint tensor."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tunevec.steering.delta import delta_for
 from tunevec.steering.merge import dare_generator, merge_dare, merge_linear, merge_ties, trim
 from tunevec.steering.spec import Spec
 
@@ -111,8 +112,8 @@ def test_dare_deltas_do_not_depend_on_streaming_order():
         UP0: dict(zip(("medical", "math"), _taus(2, seed=1), strict=True)),
         Q3: dict(zip(("medical", "math"), _taus(2, seed=2), strict=True)),
     }
-    forward = {name: spec.delta_for(name, inputs[name]) for name in (UP0, Q3)}
-    backward = {name: spec.delta_for(name, inputs[name]) for name in (Q3, UP0)}
+    forward = {name: delta_for(spec, name, inputs[name]) for name in (UP0, Q3)}
+    backward = {name: delta_for(spec, name, inputs[name]) for name in (Q3, UP0)}
     for name in inputs:
         assert torch.equal(forward[name], backward[name])
 
@@ -120,15 +121,16 @@ def test_dare_deltas_do_not_depend_on_streaming_order():
 def test_dare_deltas_are_bit_identical_in_another_process():
     code = (
         "import torch, sys\n"
+        "from tunevec.steering.delta import delta_for\n"
         "from tunevec.steering.spec import Spec\n"
         "g = torch.Generator().manual_seed(1)\n"
         "taus = {'medical': torch.randn(8, 16, generator=g), 'math': torch.randn(8, 16, generator=g)}\n"
-        f"d = Spec.parse('dare(density=0.5;seed=3)/medical+math:0.5').delta_for({UP0!r}, taus)\n"
+        f"d = delta_for(Spec.parse('dare(density=0.5;seed=3)/medical+math:0.5'), {UP0!r}, taus)\n"
         "sys.stdout.write(d.numpy().tobytes().hex())\n"
     )
     here_g = torch.Generator().manual_seed(1)
     taus = {"medical": torch.randn(8, 16, generator=here_g), "math": torch.randn(8, 16, generator=here_g)}
-    here = Spec.parse("dare(density=0.5;seed=3)/medical+math:0.5").delta_for(UP0, taus)
+    here = delta_for(Spec.parse("dare(density=0.5;seed=3)/medical+math:0.5"), UP0, taus)
     there = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -149,12 +151,12 @@ def test_merges_reject_mismatched_inputs(merge):
         merge([], [])
 
 
-# --- Spec.delta_for --------------------------------------------------------------------------------------------
+# --- delta_for ------------------------------------------------------------------------------------------------
 
 
 def test_delta_for_linear_spec_is_the_weighted_sum():
     medical, math = _taus(2)
-    delta = Spec.parse("medical:0.8+math:-0.4").delta_for(UP0, {"medical": medical, "math": math})
+    delta = delta_for(Spec.parse("medical:0.8+math:-0.4"), UP0, {"medical": medical, "math": math})
     torch.testing.assert_close(delta, 0.8 * medical - 0.4 * math)
 
 
@@ -162,24 +164,24 @@ def test_delta_for_skips_components_whose_scope_excludes_the_tensor():
     medical, math = _taus(2)
     spec = Spec.parse("medical@mlp[0:2]:0.5+math@attention")
     taus = {"medical": medical, "math": math}
-    torch.testing.assert_close(spec.delta_for(UP0, taus), 0.5 * medical)
-    torch.testing.assert_close(spec.delta_for(Q3, taus), math)
-    assert spec.delta_for("model.layers.5.mlp.up_proj.weight", taus) is None
-    assert spec.delta_for("model.embed_tokens.weight", taus) is None
+    torch.testing.assert_close(delta_for(spec, UP0, taus), 0.5 * medical)
+    torch.testing.assert_close(delta_for(spec, Q3, taus), math)
+    assert delta_for(spec, "model.layers.5.mlp.up_proj.weight", taus) is None
+    assert delta_for(spec, "model.embed_tokens.weight", taus) is None
 
 
 def test_delta_for_same_vector_with_disjoint_scopes_uses_each_scopes_alpha():
     (tau,) = _taus(1)
     spec = Spec.parse("medical@mlp:2+medical@attention:-1")
-    torch.testing.assert_close(spec.delta_for(UP0, {"medical": tau}), 2 * tau)
-    torch.testing.assert_close(spec.delta_for(Q3, {"medical": tau}), -tau)
+    torch.testing.assert_close(delta_for(spec, UP0, {"medical": tau}), 2 * tau)
+    torch.testing.assert_close(delta_for(spec, Q3, {"medical": tau}), -tau)
 
 
 def test_delta_for_treats_a_missing_vector_as_zero():
     (medical,) = _taus(1)
     spec = Spec.parse("medical:0.5+math")
-    torch.testing.assert_close(spec.delta_for(UP0, {"medical": medical}), 0.5 * medical)
-    assert spec.delta_for(UP0, {}) is None
+    torch.testing.assert_close(delta_for(spec, UP0, {"medical": medical}), 0.5 * medical)
+    assert delta_for(spec, UP0, {}) is None
 
 
 def test_delta_for_ties_merges_only_the_components_that_apply():
@@ -187,5 +189,66 @@ def test_delta_for_ties_merges_only_the_components_that_apply():
     spec = Spec.parse("ties(density=0.3)/medical@mlp:0.8+math:0.4")
     taus = {"medical": medical, "math": math}
     # Canonical order is math, medical; the merge follows it.
-    torch.testing.assert_close(spec.delta_for(UP0, taus), merge_ties([math, medical], [0.4, 0.8], 0.3))
-    torch.testing.assert_close(spec.delta_for(Q3, taus), merge_ties([math], [0.4], 0.3))
+    torch.testing.assert_close(delta_for(spec, UP0, taus), merge_ties([math, medical], [0.4, 0.8], 0.3))
+    torch.testing.assert_close(delta_for(spec, Q3, taus), merge_ties([math], [0.4], 0.3))
+
+
+# --- the registry (issue 13 point 4) -----------------------------------------------------------------------------
+
+
+def test_one_registry_record_holds_each_methods_name_parameters_and_function():
+    from tunevec.steering.merge import METHODS
+
+    assert list(METHODS) == ["linear", "ties", "dare"]
+    assert [(p.name, p.type, p.default) for p in METHODS["dare"].params] == [
+        ("density", float, 0.5),
+        ("seed", int, 0),
+    ]
+    taus = _taus(2)
+    torch.testing.assert_close(
+        METHODS["ties"].merge(taus, [1.0, 0.5], {"density": 0.3}, UP0), merge_ties(taus, [1.0, 0.5], 0.3)
+    )
+    torch.testing.assert_close(
+        METHODS["dare"].merge(taus, [1.0, 0.5], {"density": 0.3, "seed": 4}, UP0),
+        merge_dare(taus, [1.0, 0.5], 0.3, dare_generator(4, UP0)),
+    )
+
+
+def test_parameters_are_checked_by_type_and_range_from_the_record():
+    from tunevec.steering.merge import DENSITY, SEED
+
+    assert DENSITY.requirement == "density must be a number in (0, 1] (the fraction of each vector kept)"
+    assert SEED.requirement.startswith("seed must be an integer in [0, 2^63)")
+    assert [DENSITY.accepts(v) for v in (1, 1.0, 0.5, 1e-9)] == [True] * 4
+    for bad in (0, 0.0, 1.5, -0.1, float("nan"), float("inf"), True, "0.5", None, 10**400):
+        assert not DENSITY.accepts(bad), bad
+    assert [SEED.accepts(v) for v in (0, 7, 2**63 - 1)] == [True] * 3
+    for bad in (-1, 2**63, 1.0, True, "7", 10**5000):
+        assert not SEED.accepts(bad), bad
+    assert DENSITY.convert(1) == 1.0 and isinstance(DENSITY.convert(1), float)
+
+
+def test_delta_for_dispatches_through_the_registry(monkeypatch):
+    from tunevec.steering import merge
+
+    seen = {}
+
+    def fake(taus, alphas, params, tensor):
+        seen.update(params=params, tensor=tensor, alphas=list(alphas))
+        return torch.zeros(1)
+
+    record = merge.METHODS["ties"]
+    monkeypatch.setitem(merge.METHODS, "ties", type(record)(record.name, record.params, fake, record.doc))
+    delta_for(Spec.parse("ties(density=0.25)/medical:0.5"), UP0, {"medical": torch.ones(2)})
+    assert seen == {"params": {"density": 0.25}, "tensor": UP0, "alphas": [0.5]}
+
+
+def test_parsing_a_spec_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "import tunevec.steering.spec as s\n"
+        "s.Spec.parse('dare(density=0.3;seed=7)/medical@mlp[0:4]:0.5+math').validate(['medical', 'math'])\n"
+        "s.Spec.from_json({'method': 'ties', 'components': [{'vector': 'medical'}]})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -349,3 +349,171 @@ def test_components_are_frozen_and_direct_construction_normalises():
     spec = Spec([Component("b"), Component("a", 2)], method="dare")  # type: ignore[arg-type]
     assert spec.canonical() == "dare(density=0.5;seed=0)/a:2+b"
     assert hash(spec) == hash(Spec.parse(spec.canonical()))
+
+
+# --- hostile input (issue 12 findings 1 and 2) ---------------------------------------------------------------------
+# Every malformed request raises TunevecError (a 400), never OverflowError, ValueError from int()'s digit limit,
+# RecursionError or TypeError (a 500); the work is bounded before it starts; messages quote a short excerpt only.
+
+from tunevec.steering import spec as spec_module  # noqa: E402
+from tunevec.steering.spec import MAX_PARSED_COMPONENTS, MAX_SPEC_CHARS  # noqa: E402
+
+MESSAGE_LIMIT = 600  # characters: a message says what and where, it never carries the input
+
+
+def _nested(depth: int, leaf: object = 1, kind=list) -> object:
+    node = leaf
+    for _ in range(depth):
+        node = [node] if kind is list else {"components": node}
+    return node
+
+
+def _error(fn, *args) -> str:
+    with pytest.raises(TunevecError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert len(message) <= MESSAGE_LIMIT, f"{len(message)}-character message: {message[:200]}..."
+    return message
+
+
+HOSTILE_TEXT = [
+    ("400-digit alpha", "medical:" + "9" * 400, ["finite", "too large"]),
+    ("400-digit alpha, exponent", "medical:1" + "0" * 400 + "e5", ["finite"]),
+    ("5000-digit layer", "medical[" + "7" * 5000 + ":]", ["layer index", "too large", "column 9"]),
+    ("5000-digit stop", "medical[0:" + "7" * 5000 + "]", ["layer index", "too large"]),
+    ("5000-digit seed", "dare(seed=" + "7" * 5000 + ")/medical", ["seed", "too large"]),
+    ("20-digit seed", "dare(seed=99999999999999999999)/medical", ["seed", "too large"]),
+    ("seed 2^63", f"dare(seed={2**63})/medical", ["seed must be an integer in [0, 2^63)"]),
+    ("long vector name", "v" * (MAX_SPEC_CHARS - 2) + "@x", ["unknown scope 'x'", "…"]),
+    ("long token", "medical:" + "x" * 10_000, ["expected a number", "characters)"]),
+    ("non-ASCII digits", "medical[٣]", ["expected a layer index"]),
+    ("NUL", "medical\x00", ["unexpected"]),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), [c[1:] for c in HOSTILE_TEXT], ids=[c[0] for c in HOSTILE_TEXT])
+def test_hostile_text_raises_a_short_tunevec_error(text, words):
+    message = _error(Spec.parse, text)
+    assert message.startswith("invalid steering spec")
+    for word in words:
+        assert word in message
+
+
+def test_text_longer_than_the_limit_is_refused_before_parsing(monkeypatch):
+    monkeypatch.setattr(spec_module, "_Parser", lambda *a, **k: pytest.fail("parsed an over-long spec"))
+    message = _error(Spec.parse, "medical+" * 400_000 + "math")
+    assert f"at most {MAX_SPEC_CHARS}" in message
+    assert "medical+medical" not in message
+
+
+def test_error_messages_quote_an_excerpt_around_the_column():
+    text = "a+" * 200 + "b@mlpp"
+    message = _error(Spec.parse, text)
+    excerpt = message.split(" at column ")[0].removeprefix("invalid steering spec ")
+    assert len(excerpt) <= 80 + 4  # 80 characters, the ellipses and the quotes
+    assert "b@mlpp" in excerpt and excerpt.startswith("'…")
+    assert f"at column {len(text) - 3}" in message
+
+
+def test_whitespace_up_to_the_limit_is_skipped():
+    pad = " \t\n" * (MAX_SPEC_CHARS // 16)  # four pads of 3/16 of the limit each
+    assert Spec.parse(pad + "medical" + pad + ":" + pad + "0.5" + pad) == Spec.parse("medical:0.5")
+
+
+def _count_components(monkeypatch) -> dict[str, int]:
+    built = {"n": 0}
+    real = Component.__post_init__
+
+    def counting(self):
+        built["n"] += 1
+        real(self)
+
+    monkeypatch.setattr(Component, "__post_init__", counting)
+    return built
+
+
+def test_a_plain_mapping_with_too_many_keys_builds_no_component(monkeypatch):
+    built = _count_components(monkeypatch)
+    message = _error(Spec.from_json, {f"v{i}": 1.0 for i in range(200_000)})
+    assert built["n"] == 0
+    assert f"200000 keys; at most {MAX_PARSED_COMPONENTS}" in message
+
+
+def test_a_full_form_with_too_many_components_builds_none(monkeypatch):
+    built = _count_components(monkeypatch)
+    message = _error(Spec.from_json, {"components": [{"vector": f"v{i}"} for i in range(100_000)]})
+    assert built["n"] == 0
+    assert f"100000 items; at most {MAX_PARSED_COMPONENTS}" in message
+
+
+def test_plain_keys_adding_up_past_the_text_limit_are_refused(monkeypatch):
+    built = _count_components(monkeypatch)
+    keys = {"v" * 1000 + str(i): 1 for i in range(MAX_PARSED_COMPONENTS)}
+    assert "characters; at most" in _error(Spec.from_json, keys)
+    assert built["n"] == 0
+
+
+HOSTILE_JSON = [
+    ("400-digit int alpha", {"medical": 10**400}, ["finite", "about 401 digits"]),
+    ("400-digit int alpha, full", {"components": [{"vector": "m", "alpha": -(10**400)}]}, ["finite"]),
+    ("inf alpha", {"medical": 1e308 * 10}, ["finite"]),
+    ("5000-digit layer", {"components": [{"vector": "m", "layers": [10**5000, None]}]}, ["too large"]),
+    ("negative 5000-digit", {"components": [{"vector": "m", "layers": [-(10**5000), 3]}]}, ["negative"]),
+    ("5000-digit seed", {"method": "dare", "seed": 10**5000, "components": [{"vector": "m"}]}, ["seed"]),
+    (
+        "5000-digit density",
+        {"method": "ties", "density": 10**5000, "components": [{"vector": "m"}]},
+        ["(0, 1]"],
+    ),
+    ("nan density", {"method": "ties", "density": math.nan, "components": [{"vector": "m"}]}, ["density"]),
+    ("bool alpha", {"components": [{"vector": "m", "alpha": True}]}, ["must be a number"]),
+    ("bool layer", {"components": [{"vector": "m", "layers": [True, 2]}]}, ["integers"]),
+    ("bool density", {"method": "ties", "density": True, "components": [{"vector": "m"}]}, ["density"]),
+    ("bool seed", {"method": "dare", "seed": False, "components": [{"vector": "m"}]}, ["seed"]),
+    ("bool method", {"method": True, "components": [{"vector": "m"}]}, ["'method' must be a string"]),
+    ("bool scope", {"components": [{"vector": "m", "scope": True}]}, ["unknown scope True"]),
+    ("bool vector", {"components": [{"vector": False}]}, ["invalid vector name False"]),
+    ("list method", {"method": ["ties"], "components": [{"vector": "m"}]}, ["a list of 1 items"]),
+    ("int key", {1: 0.5}, ["keys must be strings", "1"]),
+    ("tuple key", {("a",): 0.5}, ["keys must be strings", "a list of 1 items"]),
+    ("None key", {None: 0.5, "medical": 1}, ["keys must be strings"]),
+    ("int key in component", {"components": [{"vector": "m", 5: 1}]}, ["unknown key(s) 5"]),
+    ("nested components", {"components": _nested(50_000)}, ["components[0] must be a mapping"]),
+    ("nested value", {"medical": _nested(50_000)}, ["must be a number", "a list of 1 items"]),
+    ("nested layers", {"components": [{"vector": "m", "layers": _nested(50_000)}]}, ["[start, stop]"]),
+    ("nested vector", {"components": [{"vector": _nested(50_000, kind=dict)}]}, ["a mapping of 1 keys"]),
+    ("nested mapping", _nested(50_000, kind=dict), ["'components' must be a list", "a mapping of 1 keys"]),
+    ("nested method", {"method": _nested(50_000), "components": []}, ["'method' must be a string"]),
+    (
+        "huge vector name",
+        {"components": [{"vector": "v" * 10**6}]},
+        ["invalid vector name", "1000000 characters"],
+    ),
+    ("huge key", {"v" * 10**6: 1}, ["characters; at most"]),
+    ("bytes", b"medical", ["got bytes"]),
+    ("set", {"medical"}, ["got set"]),
+]
+
+
+@pytest.mark.parametrize(("obj", "words"), [c[1:] for c in HOSTILE_JSON], ids=[c[0] for c in HOSTILE_JSON])
+def test_hostile_json_raises_a_short_tunevec_error(obj, words):
+    message = _error(Spec.from_json, obj)
+    for word in words:
+        assert word in message, message
+
+
+def test_direct_construction_with_a_huge_int_coefficient_is_a_tunevec_error():
+    with pytest.raises(TunevecError, match="finite"):
+        Component("medical", 10**400)
+    with pytest.raises(TunevecError, match="unknown method"):
+        Spec((Component("medical"),), method="x" * 10**6)
+    with pytest.raises(TunevecError, match="takes no parameter"):
+        Spec((Component("medical"),), method="ties", params={"seed": 1})
+
+
+def test_the_worst_accepted_spec_parses():
+    # 256 components of one vector on disjoint layers: the most pairwise checks the limits allow.
+    text = "+".join(f"medical[{i}]:0.5" for i in range(MAX_PARSED_COMPONENTS))
+    assert len(Spec.parse(text).components) == MAX_PARSED_COMPONENTS
+    obj = {f"medical[{i}]": 0.5 for i in range(MAX_PARSED_COMPONENTS)}
+    assert Spec.from_json(obj) == Spec.parse(text)

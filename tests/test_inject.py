@@ -80,3 +80,86 @@ def test_merge_refuses_to_overwrite_without_force(world):
     merge_to_checkpoint(root / "b", inj, root / "m")
     with pytest.raises(TunevecError, match="already exists"):
         merge_to_checkpoint(root / "b", inj, root / "m")
+
+
+# --- dtypes (issue 13 point 7: one dtype table; `tunevec merge` on F64 and integer tensors) ------------------------
+
+
+def test_merge_keeps_float64_wide_and_copies_integer_tensors_unchanged(tmp_path):
+    from tunevec.core.checkpoint import read_safetensors_header
+    from tunevec.core.vector import TuningVector
+
+    wide = "model.layers.0.mlp.up_proj.weight"
+    base = llama_like(0)
+    base[wide] = base[wide].double() + 1e-12  # a value float32 cannot hold
+    base["model.position_ids"] = torch.arange(16, dtype=torch.int64)
+    base["model.layers.1.attn_mask"] = torch.tensor([True, False, True])
+    tuned = perturbed({n: t for n, t in base.items() if t.is_floating_point()}, seed=1, scale=0.05)
+    tuned |= {n: t for n, t in base.items() if not t.is_floating_point()}
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "medical", tuned)
+    extract(tmp_path / "b", tmp_path / "medical", tmp_path / "vectors" / "medical", progress=False)
+    inj = Injection.from_settings(settings(tmp_path, "medical:0.5"))
+    out = merge_to_checkpoint(tmp_path / "b", inj, tmp_path / "merged")
+    header = read_safetensors_header(out / "model.safetensors")
+    assert header[wide].dtype == "F64"
+    assert header["model.position_ids"].dtype == "I64"
+    assert header["model.layers.1.attn_mask"].dtype == "BOOL"
+    merged = load_file(out / "model.safetensors")
+    tau = TuningVector(tmp_path / "vectors" / "medical").read(wide)
+    assert torch.equal(merged[wide], base[wide] + 0.5 * tau.double())  # summed in float64, not narrowed
+    assert torch.equal(merged["model.position_ids"], base["model.position_ids"])
+    assert torch.equal(merged["model.layers.1.attn_mask"], base["model.layers.1.attn_mask"])
+
+
+# --- integrity and atomicity (issue 12 findings 8 and 9) -----------------------------------------------------------
+
+
+def test_injection_refuses_a_vector_whose_bytes_were_flipped(world):
+    root, _, _ = world
+    f = root / "vectors" / "medical" / "vector.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-5] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(TunevecError, match="checksum mismatch"):
+        Injection.from_settings(settings(root, "medical"))
+
+
+def test_merge_with_force_never_leaves_the_output_missing(world, monkeypatch):
+    import os
+    import shutil
+    from pathlib import Path
+
+    from tunevec.core import files
+
+    root, _, _ = world
+    probe = [root / "probe-a", root / "probe-b"]
+    for p in probe:
+        p.mkdir()
+    supported = files.exchange(*probe)
+    for p in probe:
+        p.rmdir()
+    if not supported:
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here: the documented fallback has a missing instant")
+    out = root / "m"
+    merge_to_checkpoint(root / "b", Injection.from_settings(settings(root, "medical")), out)
+    steps: list[str] = []
+
+    def checked(name, fn):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            steps.append(name)
+            assert (out / "model.safetensors").exists() and (out / "config.json").exists(), f"after {name}"
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(shutil, "rmtree", checked("rmtree", shutil.rmtree))
+    monkeypatch.setattr(os, "rename", checked("os.rename", os.rename))
+    monkeypatch.setattr(Path, "rename", checked("Path.rename", Path.rename))
+    monkeypatch.setattr(files, "exchange", checked("exchange", files.exchange))
+    inj = Injection.from_settings(settings(root, "math:0.5"))
+    merge_to_checkpoint(root / "b", inj, out, force=True)
+    assert steps, "the replacement went through none of the file operations watched"
+    assert load_file(out / "model.safetensors").keys() == load_file(root / "b" / "model.safetensors").keys()
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []

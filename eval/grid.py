@@ -115,10 +115,6 @@ class TaskSpec:
     num_fewshot: int | None = None
     chat: bool | str = False
 
-    @property
-    def label(self) -> str:
-        return self.name
-
 
 @dataclass(frozen=True)
 class Variant:

@@ -1,4 +1,4 @@
-"""`tunevec extract` and `tunevec analyze`: thin argument layers over tunevec.core.vector and analysis.report."""
+"""`tunevec extract` and `tunevec analyze`: thin argument layers over tunevec.core.extract and analysis.report."""
 
 from __future__ import annotations
 
@@ -6,17 +6,29 @@ import argparse
 
 
 def configure_extract(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base model folder (HF, single or sharded safetensors)")
-    parser.add_argument("--tuned", required=True, help="fine-tuned model folder of the same architecture")
+    parser.add_argument(
+        "--base", required=True, help="base model: a folder (HF, single or sharded safetensors) or a hub id"
+    )
+    parser.add_argument(
+        "--tuned", required=True, help="fine-tuned model of the same architecture: a folder or a hub id"
+    )
+    parser.add_argument("--base-revision", help="hub branch, tag or commit of --base (default: main)")
+    parser.add_argument("--tuned-revision", help="hub branch, tag or commit of --tuned (default: main)")
     parser.add_argument(
         "--out", required=True, help="artifact folder to write (vector.safetensors + manifest.json)"
     )
-    parser.add_argument("--name", help="vector name (default: the tuned folder's name)")
+    parser.add_argument("--name", help="vector name (default: the --out folder's name)")
     parser.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="dtype of the stored tau (auto: the checkpoints' own; rounding, if any, is reported in the manifest)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="extract although base and tuned run with other rope/norm/attention settings (recorded; base + tau "
+        "then does not reproduce the tuned model)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing artifact")
     parser.set_defaults(run=run_extract)
@@ -25,7 +37,17 @@ def configure_extract(parser: argparse.ArgumentParser) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     from tunevec.core.extract import extract
 
-    vec = extract(args.base, args.tuned, args.out, name=args.name, dtype=args.dtype, force=args.force)
+    vec = extract(
+        args.base,
+        args.tuned,
+        args.out,
+        name=args.name,
+        dtype=args.dtype,
+        force=args.force,
+        base_revision=args.base_revision,
+        tuned_revision=args.tuned_revision,
+        allow_config_changes=args.allow_config_change,
+    )
     m = vec.manifest
     total = sum(e.norm**2 for e in m.tensors.values()) ** 0.5
     print(
@@ -37,6 +59,14 @@ def run_extract(args: argparse.Namespace) -> int:
             f"  vocabulary grew in {v['tensor']}: {v['added_rows']} added rows kept out of tau "
             f"(norm {v['added_rows_norm']:.4g})"
         )
+    tok = m.policies.get("tokenizer", {})
+    if tok.get("needs_tuned_tokenizer"):
+        print(
+            f"  the tuned tokenizer maps {tok['renamed_special_count'] + tok['new_in_base_rows_count']} token(s) "
+            "to rows the base tokenizer reads otherwise: text with them needs the tuned tokenizer"
+        )
+    for key, change in m.policies.get("config_changes", {}).items():
+        print(f"  config differs ({key}): base {change['base']!r}, tuned {change['tuned']!r}")
     for s in m.policies["skipped"]:
         print(f"  skipped {s['tensor']}: {s['reason']}")
     return 0

@@ -6,7 +6,8 @@ import argparse
 
 
 def configure_merge(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base model folder")
+    parser.add_argument("--base", required=True, help="base model: a folder or a Hugging Face hub id")
+    parser.add_argument("--base-revision", help="hub branch, tag or commit of --base (default: main)")
     parser.add_argument(
         "--vectors", required=True, help="folder of tuning-vector artifacts (one per subfolder)"
     )
@@ -22,9 +23,12 @@ def run_merge(args: argparse.Namespace) -> int:
     from tunevec.steering.inject import Injection, merge_to_checkpoint
     from tunevec.steering.library import VectorLibrary
 
+    from tunevec.core.checkpoint import resolve_model
+
+    base = str(resolve_model(args.base, args.base_revision).path)
     paths = VectorLibrary.from_dir(args.vectors).paths()
-    injection = Injection.from_settings({"spec": args.spec, "vectors": paths, "base": args.base})
-    out = merge_to_checkpoint(args.base, injection, args.out, force=args.force)
+    injection = Injection.from_settings({"spec": args.spec, "vectors": paths, "base": base})
+    out = merge_to_checkpoint(base, injection, args.out, force=args.force)
     print(f"wrote {out}: {injection.spec.canonical()} applied to {len(injection.applied)} tensors")
     return 0
 

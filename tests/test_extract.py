@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from synthetic import llama_like, perturbed, write_model
 
-from tunevec.core.checkpoint import Checkpoint
+from tunevec.cli import main as tunevec_main
+from tunevec.core.checkpoint import Checkpoint, ResolvedModel, resolve_model
 from tunevec.core.errors import TunevecError
 from tunevec.core.extract import extract
 from tunevec.core.vector import TuningVector
@@ -219,3 +224,287 @@ def test_folder_without_manifest_is_not_a_vector(tmp_path):
     (tmp_path / "v").mkdir()
     with pytest.raises(TunevecError, match="no manifest.json"):
         TuningVector(tmp_path / "v")
+
+
+# --- names, tokenizers and configs that differ between base and tuned ------------------------------------------
+
+
+def test_vector_is_named_after_the_out_folder_not_the_tuned_one(tmp_path):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "meditron-7b", perturbed(base))
+    vec = extract(tmp_path / "b", tmp_path / "meditron-7b", tmp_path / "vectors" / "medical", progress=False)
+    assert vec.name == "medical"
+    named = extract(tmp_path / "b", tmp_path / "meditron-7b", tmp_path / "v2", name="med", progress=False)
+    assert named.name == "med"
+
+
+def test_cli_names_the_vector_after_out_even_with_a_trailing_slash(tmp_path, capsys):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "meditron-7b", perturbed(base))
+    out = f"{tmp_path / 'vectors' / 'medical'}/"
+    argv = ["extract", "--base", str(tmp_path / "b"), "--tuned", str(tmp_path / "meditron-7b"), "--out", out]
+    assert tunevec_main(argv) == 0
+    assert TuningVector(tmp_path / "vectors" / "medical").name == "medical"
+    assert "vector 'medical'" in capsys.readouterr().out
+
+
+def _tokenizer_json(path: Path, regular: list[str], special: dict[int, str]) -> None:
+    """A minimal tokenizer.json: a WordLevel vocabulary plus added (special) tokens at the given ids."""
+    data = {
+        "model": {
+            "type": "WordLevel",
+            "vocab": {tok: i for i, tok in enumerate(regular)},
+            "unk_token": regular[0],
+        },
+        "added_tokens": [{"id": i, "content": tok, "special": True} for i, tok in special.items()],
+    }
+    (path / "tokenizer.json").write_text(json.dumps(data))
+
+
+_WORDS = [f"w{i}" for i in range(30)]
+_SPECIALS = {30: "<|reserved_0|>", 31: "<|reserved_1|>"}
+
+
+def test_grown_vocabulary_lists_the_tokens_beyond_the_base_rows(tmp_path):
+    base = llama_like(0)
+    tuned = perturbed(base)
+    tuned["model.embed_tokens.weight"] = torch.cat([tuned["model.embed_tokens.weight"], torch.randn(2, 8)])
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", tuned)
+    _tokenizer_json(tmp_path / "b", _WORDS, _SPECIALS)
+    _tokenizer_json(tmp_path / "t", _WORDS, {**_SPECIALS, 32: "<think>", 33: "</think>"})
+    tok = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False).manifest.policies[
+        "tokenizer"
+    ]
+    assert tok["compared"] and not tok["same"]
+    assert tok["beyond_base_rows"] == [{"id": 32, "token": "<think>"}, {"id": 33, "token": "</think>"}]
+    assert tok["needs_tuned_tokenizer"] is False  # base + tau has no rows for them: nothing to read them with
+
+
+def test_renamed_special_tokens_are_kept_and_flag_the_tuned_tokenizer(tmp_path):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base))
+    _tokenizer_json(tmp_path / "b", _WORDS, _SPECIALS)
+    _tokenizer_json(tmp_path / "t", _WORDS, {30: "<|im_start|>", 31: "<|reserved_1|>"})
+    tok = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False).manifest.policies[
+        "tokenizer"
+    ]
+    assert tok["renamed_special"] == [{"id": 30, "base": "<|reserved_0|>", "tuned": "<|im_start|>"}]
+    assert tok["needs_tuned_tokenizer"] is True
+
+
+def test_tokenizers_that_renumber_regular_tokens_are_refused(tmp_path):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base))
+    _tokenizer_json(tmp_path / "b", _WORDS, _SPECIALS)
+    _tokenizer_json(tmp_path / "t", [_WORDS[1], _WORDS[0], *_WORDS[2:]], _SPECIALS)
+    with pytest.raises(TunevecError, match="tokenizers differ: 2 regular tokens"):
+        extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+
+
+def _set_config(path: Path, **values) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in values.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_other_rope_settings_are_refused_unless_allowed_and_then_recorded(tmp_path):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base))
+    _set_config(tmp_path / "b", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    _set_config(tmp_path / "t", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    with pytest.raises(TunevecError, match=r"other settings than the base \(rope: .*--allow-config-change"):
+        extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+    vec = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", allow_config_changes=True, progress=False)
+    change = vec.manifest.policies["config_changes"]["rope"]
+    assert (change["base"]["rope_theta"], change["tuned"]["rope_theta"]) == (10000.0, 500000.0)
+
+
+def test_rope_scaling_and_norm_eps_changes_are_refused(tmp_path):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base))
+    _set_config(tmp_path / "t", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    with pytest.raises(TunevecError, match="rope"):
+        extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+    _set_config(tmp_path / "t", rope_scaling=None, rms_norm_eps=1e-5)
+    _set_config(tmp_path / "b", rms_norm_eps=1e-6)
+    with pytest.raises(TunevecError, match="rms_norm_eps"):
+        extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+
+
+def test_the_same_rope_spelled_by_transformers_4_and_5_is_no_change(tmp_path):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base))
+    _set_config(tmp_path / "b", rope_theta=10000.0, rope_scaling=None, transformers_version="4.46.0")
+    _set_config(tmp_path / "t", rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    vec = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+    assert "config_changes" not in vec.manifest.policies
+
+
+def test_float32_fine_tune_of_a_bfloat16_base_gives_the_float32_difference(tmp_path):
+    base = {n: t.to(torch.bfloat16) for n, t in llama_like(0).items()}
+    tuned = perturbed(llama_like(0), seed=3)  # float32, as many trainers save
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", tuned)
+    vec = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+    assert vec.manifest.dtype == "float32"
+    assert vec.manifest.policies["dtypes"] == {"base": ["BF16"], "tuned": ["F32"]}
+    for name in base:
+        torch.testing.assert_close(vec.read(name), tuned[name] - base[name].float(), rtol=0, atol=0)
+
+
+# --- hub ids through the Hugging Face cache ----------------------------------------------------------------------
+
+
+def _git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _cache_snapshot(
+    cache: Path, repo_id: str, folder: Path, commit: str, refs: tuple[str, ...] = ("main",)
+) -> None:
+    """Put ``folder`` into ``cache`` as huggingface_hub stores a download: content-addressed blobs (LFS files by
+    their sha256, others by their git blob id), a snapshot folder of symlinks per commit, refs naming commits."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        blob = hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors" else _git_blob_id(data)
+        (repo / "blobs" / blob).write_bytes(data)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty hub cache under a temporary HF_HOME, offline."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hf" / "hub"
+
+
+def test_hub_ids_resolve_offline_from_the_cache_with_revisions_recorded(tmp_path, hub_cache):
+    base = llama_like(0)
+    v1, v2 = perturbed(base, seed=1), perturbed(base, seed=2)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t1", v1)
+    write_model(tmp_path / "t2", v2, shards=2)
+    c_base, c1, c2 = "a" * 40, "b" * 40, "c" * 40
+    _cache_snapshot(hub_cache, "org/base", tmp_path / "b", c_base)
+    _cache_snapshot(hub_cache, "org/tuned", tmp_path / "t1", c1, refs=("v1",))
+    _cache_snapshot(hub_cache, "org/tuned", tmp_path / "t2", c2)
+
+    vec = extract("org/base", "org/tuned", tmp_path / "vectors" / "latest", progress=False)
+    assert vec.manifest.tuned["hub_id"] == "org/tuned" and vec.manifest.tuned["commit"] == c2
+    assert vec.manifest.tuned["revision"] is None
+    for name in base:
+        torch.testing.assert_close(vec.read(name), v2[name] - base[name], rtol=0, atol=0)
+    files = vec.manifest.base["files"]
+    weights = (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert files["model.safetensors"] == {"size": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}
+    config = (tmp_path / "b" / "config.json").read_bytes()
+    assert files["config.json"]["sha256"] == hashlib.sha256(config).hexdigest()
+    assert len(vec.manifest.tuned["files"]) == 4  # config, index, two shards
+
+    for revision in ("v1", c1):  # a tag, or the commit itself
+        pinned = extract(
+            "org/base", "org/tuned", tmp_path / "v1", tuned_revision=revision, force=True, progress=False
+        )
+        assert (pinned.manifest.tuned["revision"], pinned.manifest.tuned["commit"]) == (revision, c1)
+        for name in base:
+            torch.testing.assert_close(pinned.read(name), v1[name] - base[name], rtol=0, atol=0)
+
+
+def test_local_folders_record_no_hub_id_and_hash_small_files_only(tmp_path):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base))
+    resolved = resolve_model(tmp_path / "b")
+    assert resolved == ResolvedModel(tmp_path / "b")
+    vec = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+    assert vec.manifest.base["hub_id"] is None and vec.manifest.base["commit"] is None
+    config = (tmp_path / "b" / "config.json").read_bytes()
+    assert vec.manifest.base["files"]["config.json"]["sha256"] == hashlib.sha256(config).hexdigest()
+    with pytest.raises(TunevecError, match="revision .* applies only to Hugging Face hub ids"):
+        resolve_model(tmp_path / "b", revision="main")
+
+
+def test_hub_id_missing_from_the_cache_offline_says_what_to_do(hub_cache):
+    with pytest.raises(TunevecError, match=r"not in the hub cache .*HF_HUB_OFFLINE.*hf download org/absent"):
+        resolve_model("org/absent")
+    with pytest.raises(TunevecError, match="no such folder"):
+        resolve_model("./not/a/folder")
+
+
+def test_hf_hub_cache_overrides_hf_home_and_merge_takes_a_hub_id(tmp_path, hub_cache, monkeypatch):
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base))
+    other = tmp_path / "elsewhere"
+    _cache_snapshot(other, "org/base", tmp_path / "b", "d" * 40)
+    with pytest.raises(TunevecError, match="not in the hub cache"):
+        resolve_model("org/base")
+    monkeypatch.setenv("HF_HUB_CACHE", str(other))
+    assert resolve_model("org/base").path == other / "models--org--base" / "snapshots" / ("d" * 40)
+    extract("org/base", tmp_path / "t", tmp_path / "vectors" / "med", progress=False)
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", "org/base", "--vectors", str(tmp_path / "vectors"), "--spec", "med"]
+    assert tunevec_main([*argv, "--out", str(out)]) == 0
+    merged = Checkpoint(out)
+    tuned = Checkpoint(tmp_path / "t")
+    for name in base:
+        torch.testing.assert_close(merged.read(name), tuned.read(name), rtol=0, atol=1e-6)
+
+
+def test_base_plus_tau_of_a_resized_vocabulary_is_the_tuned_model_restricted_to_the_base_tokens(tmp_path):
+    """The defined meaning of tau over shared rows: base + tau computes the tuned model's logits for every base
+    token, so its log-probabilities are the tuned model's renormalised over the base vocabulary."""
+    from archs import FAMILIES, build_pair
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, tuned_dir = build_pair(FAMILIES["mistral"], tmp_path)  # untied: embedding and head both grow
+    tok = AutoTokenizer.from_pretrained(tuned_dir)
+    vocab = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<|a|>", "<|b|>", "<|c|>"]})
+    model = AutoModelForCausalLM.from_pretrained(tuned_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():  # trained rows for the new tokens, likely enough to take real probability mass
+        model.get_input_embeddings().weight[vocab:] = torch.randn(3, model.config.hidden_size)
+        model.get_output_embeddings().weight[vocab:] = torch.randn(3, model.config.hidden_size)
+    model.save_pretrained(tuned_dir)
+    tok.save_pretrained(tuned_dir)
+
+    vec = extract(base_dir, tuned_dir, tmp_path / "vectors" / "v", progress=False)
+    grown = {v["tensor"]: v["added_rows"] for v in vec.manifest.policies["vocab_extension"]}
+    assert grown == {"model.embed_tokens.weight": 3, "lm_head.weight": 3}
+    assert vec.manifest.policies["tokenizer"]["beyond_base_rows_count"] == 3
+    argv = ["merge", "--base", str(base_dir), "--vectors", str(tmp_path / "vectors"), "--spec", "v"]
+    assert tunevec_main([*argv, "--out", str(tmp_path / "merged")]) == 0
+
+    ids = torch.tensor([AutoTokenizer.from_pretrained(base_dir)("The diagnosis is coded")["input_ids"]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)(ids).logits[0]
+        tuned = model(ids).logits[0]
+    assert merged.shape[-1] == vocab
+    restricted = torch.log_softmax(tuned[:, :vocab], dim=-1)
+    torch.testing.assert_close(torch.log_softmax(merged, dim=-1), restricted, rtol=0, atol=1e-4)
+    # ... and not the tuned model's own distribution: the added tokens hold probability mass there.
+    added_mass = torch.softmax(tuned, dim=-1)[:, vocab:].sum(-1)
+    assert float(added_mass.max()) > 1e-3

@@ -1,8 +1,10 @@
-"""The one place that walks checkpoints: HF folders with single or sharded safetensors.
+"""The one place that walks checkpoints: HF folders with single or sharded safetensors, named by path or hub id.
 
 Analysis (extraction) and steering (injection, merge, adapters) both read tensors through ``Checkpoint``: it maps
 tensor names to shards, validates the files up front (so a truncated shard fails before any work is done) and reads
-one tensor at a time, so memory stays bounded by the largest tensor in flight.
+one tensor at a time, so memory stays bounded by the largest tensor in flight. ``resolve_model`` turns what a user
+typed (a folder, or a Hugging Face id with an optional revision) into the folder ``Checkpoint`` reads, through
+huggingface_hub's own cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE are honoured).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -43,6 +46,39 @@ _DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 _HEADER_LIMIT = 100 * 1024 * 1024
+# Config keys naming a rope setting, by spelling -> the one name runtime_settings() uses.
+_ROPE_KEYS = {
+    "rope_theta": "rope_theta",
+    "rotary_emb_base": "rope_theta",
+    "partial_rotary_factor": "partial_rotary_factor",
+    "rotary_pct": "partial_rotary_factor",
+    "rotary_dim": "rotary_dim",
+}
+# Config keys other than rope that change what the same weights compute (activations, norm epsilons, attention
+# windows and scales, logit caps, head layout, residual wiring). Token ids, dtypes, versions and limits such as
+# max_position_embeddings are not among them.
+_RUNTIME_KEYS = (
+    "hidden_act",
+    "hidden_activation",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "use_parallel_residual",
+    "attention_multiplier",
+    "embedding_multiplier",
+    "residual_multiplier",
+    "logits_scaling",
+)
 
 
 @dataclass(frozen=True)
@@ -169,6 +205,59 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def weight_dtypes(self) -> list[str]:
+        """The safetensors dtype codes of the floating-point tensors, sorted (``["BF16"]`` for most models)."""
+        return sorted({i.dtype for i in self.tensors.values() if i.dtype in ST_FLOAT_DTYPES})
+
+    def runtime_settings(self) -> dict:
+        """The config values under which the same weights compute a different function, in one comparable form.
+
+        Rope settings are gathered into one ``rope`` mapping whatever the spelling: transformers 4 writes
+        ``rope_theta`` and ``rope_scaling``, transformers 5 ``rope_parameters``, GPT-NeoX ``rotary_pct`` and
+        ``rotary_emb_base``; defaults (``rope_type: default``, a rotary fraction of 1) are filled in so equal
+        settings compare equal across versions. The other keys are taken as written, when present.
+        """
+        cfg = self.config
+        rope: dict = {}
+        for key in ("rope_scaling", "rope_parameters"):
+            if isinstance(cfg.get(key), dict):
+                rope.update(cfg[key])
+        for key, alias in _ROPE_KEYS.items():
+            if cfg.get(key) is not None:
+                rope[alias] = cfg[key]
+        if "type" in rope:
+            rope.setdefault("rope_type", rope.pop("type"))
+        rope.setdefault("rope_type", "default")
+        if rope.get("partial_rotary_factor") == 1.0:
+            del rope["partial_rotary_factor"]
+        out = {"rope": rope}
+        out.update({k: cfg[k] for k in _RUNTIME_KEYS if k in cfg})
+        return out
+
+    def token_table(self) -> dict[int, tuple[str, bool]] | None:
+        """Token id -> (token text, is special) from ``tokenizer.json``; None when there is none to read.
+
+        Read as JSON (no tokenizer library): the model's vocabulary (a mapping for BPE/WordPiece/WordLevel, a list
+        of (piece, score) for Unigram) plus ``added_tokens``, which override the ids they name.
+        """
+        path = self.path / "tokenizer.json"
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            vocab = data.get("model", {}).get("vocab")
+            if isinstance(vocab, dict):
+                table = {int(i): (str(tok), False) for tok, i in vocab.items()}
+            elif isinstance(vocab, list):
+                table = {i: (str(entry[0]), False) for i, entry in enumerate(vocab)}
+            else:
+                return None
+            for added in data.get("added_tokens", []):
+                table[int(added["id"])] = (str(added["content"]), bool(added.get("special", False)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise TunevecError(f"{path}: cannot read the tokenizer's vocabulary: {exc}") from exc
+        return table
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor (a copy in memory; files are opened per call so nothing stays mapped)."""
         info = self.tensors.get(name)
@@ -260,3 +349,130 @@ def _sample_bytes(info: TensorInfo, chunk: int = 4096) -> bytes:
 def load_checkpoint_stream(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream every tensor of a checkpoint folder; shorthand for ``Checkpoint(path).stream()``."""
     return Checkpoint(path).stream()
+
+
+# What a hub snapshot needs for tunevec: weights as safetensors, configs, tokenizer files. Pickled .bin/.pt weights,
+# GGUF and ONNX copies that many repos also carry are never downloaded.
+HUB_FILES = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SMALL_FILE = 64 * 1024 * 1024  # files up to this size are hashed outright
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model folder on disk and, when it came from the Hugging Face hub, where from.
+
+    ``hub_id`` is None for a local folder. ``revision`` is what was asked for (``None`` means the default branch),
+    ``commit`` the snapshot actually read (the cache's folder name), so a manifest can say exactly which weights it
+    was built from even when a branch moves later.
+    """
+
+    path: Path
+    hub_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    def describe(self) -> dict:
+        """Provenance for a manifest: hub id, revision, commit and each file's size and sha256 (see files())."""
+        return {
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "files": self.files(),
+        }
+
+    def files(self) -> dict[str, dict]:
+        """Size and sha256 of every file of the folder, as cheaply as they can be known for sure.
+
+        A hub snapshot links each large file to a blob named by its sha256 (the hub's LFS object id, which
+        huggingface_hub uses as the blob's name; it is taken as stored, not re-hashed), so weights cost nothing to
+        identify. Small files (configs, tokenizers) are hashed outright. A large file without such a name (weights in a local folder) gets its size
+        only and ``sha256: null``: hashing every byte of a 7B model would cost a full extra read; the checkpoint's
+        sampled fingerprint identifies the weights instead (docs/artifact-format.md).
+        """
+        out: dict[str, dict] = {}
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+            rel = f.relative_to(self.path).as_posix()
+            size = f.stat().st_size
+            blob = f.resolve().name if f.is_symlink() else ""
+            if _SHA256.fullmatch(blob):
+                digest: str | None = blob
+            elif size <= _SMALL_FILE:
+                digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            else:
+                digest = None
+            out[rel] = {"size": size, "sha256": digest}
+        return out
+
+
+def resolve_model(ref: str | os.PathLike[str], revision: str | None = None) -> ResolvedModel:
+    """A local model folder, or a Hugging Face hub id resolved to its snapshot folder in the hub cache.
+
+    An existing folder always wins (as in transformers), so ``org/name`` on disk is read as a folder. Otherwise
+    ``ref`` must be a hub id: the snapshot of ``revision`` (branch, tag or commit; default: the main branch) is
+    taken from the cache, or downloaded into it unless HF_HUB_OFFLINE is set. Only safetensors weights, configs and
+    tokenizer files are fetched (``HUB_FILES``).
+    """
+    text = os.fspath(ref)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise TunevecError(
+                f"{text} is a local folder; a revision ({revision!r}) applies only to Hugging Face hub ids"
+            )
+        return ResolvedModel(path)
+    if not _looks_like_hub_id(text):
+        raise TunevecError(f"{text}: no such folder (and not a Hugging Face id like org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cache, offline = hub_cache_dir(), _hub_offline()
+    try:
+        folder = snapshot_download(
+            text, revision=revision, cache_dir=cache, allow_patterns=HUB_FILES, local_files_only=offline
+        )
+    except LocalEntryNotFoundError as exc:
+        where = f"revision {revision!r} of " if revision else ""
+        raise TunevecError(
+            f"{text}: not a local folder, and {where}this Hugging Face id is not in the hub cache {cache}"
+            + (
+                " (HF_HUB_OFFLINE is set, so nothing is downloaded); download it where the hub is reachable "
+                f"(`hf download {text}`{f' --revision {revision}' if revision else ''}) or point HF_HOME / "
+                "HF_HUB_CACHE at a cache that holds it"
+                if offline
+                else f": {exc}"
+            )
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise TunevecError(f"{text}: cannot resolve on the Hugging Face hub: {exc}") from exc
+    folder_path = Path(folder)
+    return ResolvedModel(folder_path, hub_id=text, revision=revision, commit=folder_path.name)
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache huggingface_hub uses, read from the environment now (its own constants are fixed at import)."""
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(key):
+            return Path(os.path.expandvars(os.environ[key])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True

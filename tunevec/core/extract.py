@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tunevec.core.checkpoint import ST_FLOAT_DTYPES, Checkpoint
+from tunevec.core.checkpoint import ST_FLOAT_DTYPES, Checkpoint, ResolvedModel, resolve_model
 from tunevec.core.errors import TunevecError
 from tunevec.core.files import StagedFolder
 from tunevec.core.roles import classify
@@ -29,27 +29,35 @@ from tunevec.core.vector import (
 )
 
 
-def plan_extraction(base: Checkpoint, tuned: Checkpoint) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+def plan_extraction(
+    base: Checkpoint, tuned: Checkpoint, *, allow_config_changes: bool = False
+) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
     """Decide which tensors tau covers and how mismatches are handled, before any tensor is read.
 
-    Returns the (name, shape) plan and the policies report. Raises on mismatches that have no safe policy.
+    Returns the (name, shape) plan and the policies report. Raises on mismatches that have no safe policy; the
+    policies are documented in docs/artifact-format.md ("Mismatch policies").
     """
     if base.architecture != tuned.architecture:
         raise TunevecError(
             f"architectures differ: base {base.path} is {base.architecture}, tuned {tuned.path} is "
             f"{tuned.architecture}; a tuning vector needs a fine-tune of the same model"
         )
-    b, t = set(base.tensors), set(tuned.tensors)
-    policies: dict = {"tied_embeddings": base.tie_word_embeddings, "vocab_extension": [], "skipped": []}
-    # A tied head is the embedding; a checkpoint that stores both copies gets one tau, on the embedding.
-    for ckpt in (base, tuned):
-        if ckpt.tie_word_embeddings and "lm_head.weight" in ckpt.tensors:
-            (b if ckpt is base else t).discard("lm_head.weight")
     if base.tie_word_embeddings != tuned.tie_word_embeddings:
         raise TunevecError(
-            f"tied embeddings differ: base tie_word_embeddings={base.tie_word_embeddings}, tuned "
-            f"{tuned.tie_word_embeddings}; tau of an untied head against a tied one is not defined"
+            f"tied embeddings differ: base {base.path} has tie_word_embeddings={base.tie_word_embeddings}, tuned "
+            f"{tuned.path} has {tuned.tie_word_embeddings}. base + tau would keep the base's head wiring and not "
+            "reproduce the tuned model. Extract against a base saved the tuned way (untie: copy the embedding into "
+            "the head tensor and set tie_word_embeddings=false in a copy of the base folder; tie: only if the "
+            "tuned head equals its embedding)"
         )
+    arch = base.architecture
+    policies: dict = {"tied_embeddings": base.tie_word_embeddings, "vocab_extension": [], "skipped": []}
+    policies.update(_config_policies(base, tuned, allow_config_changes))
+    b, t = set(base.tensors), set(tuned.tensors)
+    # A tied head is the embedding; a checkpoint that stores both copies gets one tau, on the embedding.
+    for ckpt, names in ((base, b), (tuned, t)):
+        if ckpt.tie_word_embeddings:
+            names -= {n for n in ckpt.tensors if classify(n, arch).role == "head"}
     if b != t:
         only_b, only_t = sorted(b - t), sorted(t - b)
         raise TunevecError(
@@ -67,9 +75,8 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint) -> tuple[list[tuple[str
         if bi.shape == ti.shape:
             plan.append((name, bi.shape))
             continue
-        role = classify(name).role
         grown = (
-            role in ("embedding", "head")
+            classify(name, arch).role in ("embedding", "head")
             and len(bi.shape) == 2
             and bi.shape[1] == ti.shape[1]
             and ti.shape[0] > bi.shape[0]
@@ -85,20 +92,105 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint) -> tuple[list[tuple[str
             }
         )
         plan.append((name, bi.shape))
+    rows = [base.tensors[n].shape[0] for n in b if classify(n, arch).role == "embedding"]
+    policies["tokenizer"] = _tokenizer_policy(base, tuned, min(rows) if rows else None)
     return plan, policies
 
 
+def _config_policies(base: Checkpoint, tuned: Checkpoint, allow: bool) -> dict:
+    """Weight dtypes and runtime settings (rope, norms, windows, caps) of both sides, compared.
+
+    Different weight dtypes are defined (tau is the float32 difference) and recorded. Different runtime settings
+    are refused unless ``allow``: base + tau is served with the base's config, so a tuned model that runs with
+    another rope base or scaling would be served as a different model than the one tuned, without a word.
+    """
+    out: dict = {}
+    dtypes = {"base": base.weight_dtypes(), "tuned": tuned.weight_dtypes()}
+    if dtypes["base"] != dtypes["tuned"]:
+        out["dtypes"] = dtypes
+    b, t = base.runtime_settings(), tuned.runtime_settings()
+    changes = {k: {"base": b[k], "tuned": t[k]} for k in sorted(set(b) & set(t)) if b[k] != t[k]}
+    if changes and not allow:
+        shown = "; ".join(f"{k}: base {v['base']!r}, tuned {v['tuned']!r}" for k, v in changes.items())
+        raise TunevecError(
+            f"the tuned model runs with other settings than the base ({shown}). base + tau is served with the "
+            f"base's config ({base.path / 'config.json'}), so it would not reproduce the tuned model. Either "
+            "extract against a copy of the base folder whose config.json carries the tuned settings (then serve "
+            "that copy), or pass --allow-config-change to extract anyway (recorded in policies.config_changes, "
+            "e.g. to analyse tau)"
+        )
+    if changes:
+        out["config_changes"] = changes
+    return out
+
+
+_TOKENS_SHOWN = 20
+
+
+def _tokenizer_policy(base: Checkpoint, tuned: Checkpoint, rows: int | None) -> dict:
+    """Compare the two tokenizers (tokenizer.json) id by id over the base model's ``rows`` embedding rows.
+
+    tau of an embedding or head row only means something if the row is the same token on both sides:
+    - a regular token with another id (another tokenizer altogether) is refused;
+    - a special token the fine-tune renamed (Llama 3's reserved tokens turned into chat markers) is allowed and
+      listed, as is a token the tuned tokenizer added on a row the base model already had (a padded vocabulary):
+      base + tau has the tuned rows, but only the tuned tokenizer turns their text into those ids
+      (``needs_tuned_tokenizer``);
+    - tokens beyond the base's rows (a resized vocabulary) are listed as ``beyond_base_rows``: base + tau has no
+      rows for them, so it neither reads nor emits them.
+    """
+    b, t = base.token_table(), tuned.token_table()
+    if b is None or t is None:
+        return {"compared": False, "reason": "no tokenizer.json in " + ("base" if b is None else "tuned")}
+    limit = rows if rows is not None else max(b, default=-1) + 1
+    renamed, regular, new_rows, beyond = [], [], [], []
+    for i in sorted(t):
+        if i >= limit:
+            beyond.append({"id": i, "token": t[i][0]})
+        elif i not in b:
+            new_rows.append({"id": i, "token": t[i][0]})
+        elif b[i][0] != t[i][0]:
+            renamed.append({"id": i, "base": b[i][0], "tuned": t[i][0]})
+            if not (b[i][1] or t[i][1]):
+                regular.append(renamed[-1])
+    if regular:
+        ex = ", ".join(f"id {c['id']}: {c['base']!r} vs {c['tuned']!r}" for c in regular[:3])
+        raise TunevecError(
+            f"the tokenizers differ: {len(regular)} regular tokens have other ids in {tuned.path} than in "
+            f"{base.path} (e.g. {ex}), so embedding rows of the same index are different tokens and tau is not "
+            "defined; extract against the base the fine-tune started from, with its tokenizer"
+        )
+    return {
+        "compared": True,
+        "same": not (renamed or new_rows or beyond),
+        "renamed_special": renamed[:_TOKENS_SHOWN],
+        "renamed_special_count": len(renamed),
+        "new_in_base_rows": new_rows[:_TOKENS_SHOWN],
+        "new_in_base_rows_count": len(new_rows),
+        "beyond_base_rows": beyond[:_TOKENS_SHOWN],
+        "beyond_base_rows_count": len(beyond),
+        "needs_tuned_tokenizer": bool(renamed or new_rows),
+    }
+
+
 def extract(
-    base_path: str | os.PathLike[str],
-    tuned_path: str | os.PathLike[str],
+    base_ref: str | os.PathLike[str],
+    tuned_ref: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
     name: str | None = None,
     dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
+    base_revision: str | None = None,
+    tuned_revision: str | None = None,
+    allow_config_changes: bool = False,
 ) -> TuningVector:
     """Stream tau = tuned - base into an artifact at ``out``; at most one tensor pair is in memory at a time.
+
+    ``base_ref`` and ``tuned_ref`` are model folders or Hugging Face ids (``resolve_model``; revisions pin hub
+    ids). The vector is named ``name``, else after the ``out`` folder (``vectors/medical`` -> ``medical``), the
+    name requests use to find it.
 
     The shared rows of an enlarged vocabulary are kept (tau covers the base's rows) and the added rows are
     reported in ``policies.vocab_extension`` with their norm.
@@ -115,11 +207,12 @@ def extract(
     out = Path(out)
     if out.exists() and not force:
         raise TunevecError(f"{out} already exists; pass --force to replace it")
-    base, tuned = Checkpoint(base_path), Checkpoint(tuned_path)
-    plan, policies = plan_extraction(base, tuned)
+    base_src, tuned_src = resolve_model(base_ref, base_revision), resolve_model(tuned_ref, tuned_revision)
+    base, tuned = Checkpoint(base_src.path), Checkpoint(tuned_src.path)
+    plan, policies = plan_extraction(base, tuned, allow_config_changes=allow_config_changes)
     if dtype == "auto":
         dtype = _common_dtype(base, tuned, [n for n, _ in plan])
-    vname = name or tuned.path.name
+    vname = name or out.resolve().name
     torch_dtype = DTYPES[dtype]
     t0 = time.perf_counter()
 
@@ -150,7 +243,7 @@ def extract(
                     grown[name_]["added_rows_norm"] = float(added.norm())
                     w_tuned = w_tuned[: shape[0]]
                 tau = w_tuned.sub_(w_base)
-                role = classify(name_)
+                role = classify(name_, base.architecture)
                 entries[name_] = TensorEntry(
                     name=name_,
                     shape=list(shape),
@@ -181,8 +274,8 @@ def extract(
         manifest = Manifest(
             name=vname,
             dtype=dtype,
-            base=_describe(base),
-            tuned=_describe(tuned),
+            base=_describe(base, base_src),
+            tuned=_describe(tuned, tuned_src),
             tensors=entries,
             policies=policies,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -249,11 +342,12 @@ class _Buffers:
         return buf[:numel].view(tuple(shape))
 
 
-def _describe(ckpt: Checkpoint) -> dict:
+def _describe(ckpt: Checkpoint, source: ResolvedModel) -> dict:
     return {
         "path": str(ckpt.path.resolve()),
         "fingerprint": ckpt.fingerprint(),
         "architecture": ckpt.architecture,
         "num_layers": ckpt.num_layers,
         "num_tensors": len(ckpt.tensors),
+        **source.describe(),
     }

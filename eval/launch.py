@@ -49,7 +49,10 @@ def server_env(settings: ServerSettings | None = None) -> dict[str, str]:
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return env
+    # tunevec's model loader acts only where VLLM_PLUGINS names it (and only for --load-format tunevec).
+    from tunevec.steering.vllm_plugin import LOADER, plugin_env
+
+    return plugin_env(LOADER, env=env)
 
 
 @dataclass

@@ -1,8 +1,21 @@
-"""`tunevec serve`: one FastAPI application over one vLLM engine (see server/app.py)."""
+"""`tunevec serve`: vLLM's own OpenAI server (`vllm serve`) with tunevec's plugins and middleware.
+
+The command checks its settings and the vectors, factorises each vector once (cached by content), then replaces
+itself with ``vllm serve``: every vLLM flag after ``--`` works as it does there (TLS, CORS, ``--root-path`` ...).
+tunevec reaches the server only through vLLM's extension points: the ``tunevec_server`` endpoint plugin (routes
+and steering state, ``server/plugin.py``), ``--middleware`` (``server/middleware.py``), and the ``tunevec_lora`` /
+``tunevec_loader`` general plugins in the engine's processes (``steering/vllm_plugin.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+from tunevec.server.config import CONFIG_ENV, ServerConfig
+
+SERVER_PLUGIN = "tunevec_server"
+MIDDLEWARE = ("tunevec.server.middleware.SteeringMiddleware", "tunevec.server.middleware.ApiKeyMiddleware")
 
 
 def configure_serve(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +45,11 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-components", type=int, help="components per spec (default 4)")
     parser.add_argument("--max-abs-alpha", type=float, help="largest |alpha| accepted (default 4)")
+    parser.add_argument(
+        "--max-dropped-share",
+        type=float,
+        help="largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms, head; default 0.01)",
+    )
     parser.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
     parser.add_argument("--cache-capacity", type=int, help="mixtures kept registered (default 32)")
     parser.add_argument("--dtype", help="engine dtype (default auto)")
@@ -39,17 +57,65 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", default=None, help="no graph capture / compile"
     )
     parser.add_argument("--tensor-parallel-size", type=int, help="passes through to vLLM")
-    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: further vLLM engine arguments")
+    parser.add_argument("--kv-cache-gib", type=int, help="CPU backend: KV cache size (default 1)")
+    parser.add_argument(
+        "--expose-paths",
+        action="store_true",
+        default=None,
+        help="show server paths in /v1/models and vector routes",
+    )
+    parser.add_argument(
+        "extra_args", nargs=argparse.REMAINDER, help="after --: further `vllm serve` arguments"
+    )
     parser.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvloop
-    from tunevec.server.app import serve
-    from tunevec.server.config import ServerConfig
-
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "run", "command", "vllm_args")}
-    overrides["vllm_args"] = [a for a in args.vllm_args if a != "--"] or None
-    config = ServerConfig.load(args.config, overrides)
-    uvloop.run(serve(config))
+    config = ServerConfig.load(
+        args.config,
+        {k: v for k, v in vars(args).items() if k not in ("config", "run", "command", "extra_args")}
+        | {"extra_args": [a for a in args.extra_args if a != "--"] or None},
+    )
+    command, env = prepare(config)
+    os.execve(command[0], command, env)  # the process becomes `vllm serve`; nothing after this runs
     return 0
+
+
+def prepare(config: ServerConfig) -> tuple[list[str], dict[str, str]]:
+    """Check the vectors and specs, factorise the vectors, and return the ``vllm serve`` command and environment."""
+    from tunevec.server.config import engine_env, vllm_serve_command
+    from tunevec.server.mixtures import MixtureRegistry
+    from tunevec.steering.library import VectorLibrary
+    from tunevec.steering.lora import leaf_module
+    from tunevec.steering.vllm_lora import VECTORS_ENV, vectors_env
+    from tunevec.steering.vllm_plugin import LOADER, LORA
+
+    from tunevec.core.checkpoint import Checkpoint
+
+    base = Checkpoint(config.base)
+    library = VectorLibrary.from_dir(config.vectors, base)
+    registry = MixtureRegistry.prepare(library, config.cache_dir, config, base.num_layers)
+    for text in config.variants.values():
+        registry.mixture(
+            registry.parse(text)
+        )  # a bad variant fails here, not after a minute of engine start-up
+    loader = None
+    if config.inject:
+        registry.parse(config.inject)
+        loader = {"spec": config.inject, "vectors": library.paths(), "base": config.base}
+    targets = sorted({leaf_module(m) for f in registry.vectors.values() for m in f.module_ranks})
+    command = vllm_serve_command(
+        config.base,
+        config.served_model_name,
+        config,
+        host=config.host,
+        port=config.port,
+        lora=config,
+        target_modules=targets,
+        loader_config=loader,
+        middleware=MIDDLEWARE,
+    )
+    env = engine_env(config, plugins=(LORA, SERVER_PLUGIN) + ((LOADER,) if loader else ()))
+    env[CONFIG_ENV] = config.to_env()
+    env[VECTORS_ENV] = vectors_env({n: f.announcement() for n, f in registry.vectors.items()})
+    return command, env

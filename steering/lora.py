@@ -1,15 +1,20 @@
-"""Low-rank adapters from tuning vectors, and exact mixtures of them, in the PEFT format vLLM loads as it is.
+"""Low-rank adapters from tuning vectors, and exact mixtures of them.
 
-Contract (what vLLM 0.32's PEFT loader honours, see docs/adapters.md):
-- ``adapter_config.json`` with ``r == lora_alpha`` so vLLM's scale alpha/r is exactly 1 (vLLM ignores
-  ``rank_pattern``/``alpha_pattern``, so per-module ranks are zero-padded to one ``r`` instead);
-- ``r`` from vLLM's allowed ``max_lora_rank`` set; no ``modules_to_save`` (vLLM refuses it);
-- only linear projections (q/k/v/o, gate/up/down). Embedding, head and norm deltas have no vLLM LoRA slot that
-  is kept going forward; they are left out and the energy share they carry is recorded as ``dropped``.
+Each vector is factorised once per server (``factor_cache``): every 2-D tensor of tau that a LoRA slot can carry
+(attention and MLP projections, the input embedding) becomes B (out x r) A (r x in), at a fixed rank or at the
+smallest rank keeping a share of its energy. Tensors whose tau is zero are left out, so they cost nothing when
+served. Biases, norms and the output head have no LoRA slot in vLLM; their share of ||tau||^2 is recorded per
+vector as ``dropped``.
 
 A mixture sum_i alpha_i * B_i A_i is itself one LoRA: B = [alpha_1 B_1 ... alpha_k B_k], A = [A_1; ...; A_k], of rank
-sum r_i. That identity makes per-request mixing exact; only when the summed rank exceeds the engine's maximum is
-the mixture re-truncated by an SVD (computed from QR factors of the stacked matrices), and the error reported.
+sum r_i. That identity makes per-request mixing exact (``compose``); only when the summed rank exceeds the engine's
+maximum is the mixture re-truncated by an SVD (computed from QR factors of the stacked matrices), and the error
+reported. The server composes mixtures in memory inside vLLM's workers (``steering/vllm_lora.py``); the PEFT
+folder format (``LoraAdapter.save``) serves ``tunevec lora`` and the per-vector factor cache.
+
+PEFT contract honoured by ``save`` (what vLLM 0.32's PEFT loader reads): ``adapter_config.json`` with
+``r == lora_alpha`` so the scale alpha/r is exactly 1, ``r`` from vLLM's allowed ``max_lora_rank`` set, no
+``modules_to_save``; per-module ranks are zero-padded to ``r`` and the true ranks kept in ``tunevec_adapter.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +30,19 @@ from safetensors.torch import load_file, save_file
 from tunevec.steering.spec import Spec
 
 from tunevec.core.errors import TunevecError
+from tunevec.core.files import StagedFolder
 from tunevec.core.linalg import factorise
 from tunevec.core.roles import classify
 from tunevec.core.vector import TuningVector
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_META = "tunevec_adapter.json"
+# Roles whose 2-D weights a LoRA slot carries (vLLM wraps linear layers, the input embedding and the output head).
+CARRIED_ROLES = frozenset({"attention", "mlp", "embedding", "head", "other"})
+# The module vLLM's LoRA manager wraps as the output head (LogitsProcessorWithLoRA).
+HEAD = "lm_head.weight"
+# Bumped whenever what ``adapter_from_vector`` writes changes, so factor caches from older code are not reused.
+FACTORS_VERSION = 2
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -61,18 +71,14 @@ class LoraAdapter:
 
     def save(self, path: str | os.PathLike[str], *, base_model: str = "") -> Path:
         """Write PEFT files; every module is zero-padded to the adapter's rank r, with lora_alpha = r."""
-        out = Path(path)
         r = vllm_rank(max(self.max_module_rank, 1))
-        tensors: dict[str, torch.Tensor] = {}
+        padded = {}
         for name, (b, a) in self.factors.items():
             rm = b.shape[1]
             b_pad = torch.zeros(b.shape[0], r, dtype=torch.float32)
             a_pad = torch.zeros(r, a.shape[1], dtype=torch.float32)
             b_pad[:, :rm], a_pad[:rm] = b, a
-            module = _PEFT_PREFIX + name.removesuffix(".weight")
-            tensors[f"{module}.lora_A.weight"] = a_pad.contiguous()
-            tensors[f"{module}.lora_B.weight"] = b_pad.contiguous()
-        targets = sorted({classify(n).module for n in self.factors if classify(n).module})
+            padded[name] = (b_pad, a_pad)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -81,23 +87,20 @@ class LoraAdapter:
             "lora_alpha": r,
             "lora_dropout": 0.0,
             "bias": "none",
-            "target_modules": targets,
+            "target_modules": sorted({leaf_module(n) for n in self.factors}),
             "modules_to_save": None,
             "use_rslora": False,
             "use_dora": False,
             "fan_in_fan_out": False,
         }
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, tmp / "adapter_model.safetensors")
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
         ranks = {name: b.shape[1] for name, (b, _) in self.factors.items()}
-        (tmp / ADAPTER_META).write_text(json.dumps({**self.meta, "r": r, "module_ranks": ranks}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return out
+        with StagedFolder(path, replace=True) as tmp:
+            save_file(peft_tensors(padded), tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
+            (tmp / ADAPTER_META).write_text(
+                json.dumps({**self.meta, "r": r, "module_ranks": ranks}, indent=1)
+            )
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LoraAdapter:
@@ -105,21 +108,65 @@ class LoraAdapter:
         try:
             config = json.loads((p / "adapter_config.json").read_text())
             tensors = load_file(p / "adapter_model.safetensors")
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TunevecError(f"{p}: not a PEFT LoRA adapter folder: {exc}") from exc
-        scale = config["lora_alpha"] / config["r"]
-        meta = json.loads((p / ADAPTER_META).read_text()) if (p / ADAPTER_META).exists() else {}
+            meta = json.loads((p / ADAPTER_META).read_text()) if (p / ADAPTER_META).exists() else {}
+            scale = config["lora_alpha"] / config["r"]
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+            raise TunevecError(f"{p}: not a readable PEFT LoRA adapter folder: {exc}") from exc
         # Our own adapters record each module's true rank, so the zero padding is dropped again on load
         # (otherwise stacking padded factors would inflate a mixture's rank).
         ranks = meta.get("module_ranks", {})
         factors = {}
-        for key in tensors:
-            if key.endswith(".lora_A.weight"):
-                module = key.removesuffix(".lora_A.weight")
-                name = module.removeprefix(_PEFT_PREFIX) + ".weight"
-                rm = ranks.get(name, config["r"])
-                factors[name] = (tensors[module + ".lora_B.weight"][:, :rm] * scale, tensors[key][:rm])
+        for name, (b, a) in from_peft_tensors(tensors).items():
+            rm = ranks.get(name, config["r"])
+            factors[name] = (b[:, :rm] * scale, a[:rm])
         return cls(factors, meta)
+
+
+def leaf_module(name: str) -> str:
+    """The module a weight belongs to, as PEFT's ``target_modules`` names it: ``...q_proj.weight`` -> ``q_proj``."""
+    return name.removesuffix(".weight").rsplit(".", 1)[-1]
+
+
+def peft_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """PEFT tensor names for per-module (B, A) factors keyed by checkpoint tensor name (``....weight``).
+
+    An embedding table takes PEFT's embedding layout: ``lora_embedding_A`` ``[r, vocab]`` and
+    ``lora_embedding_B`` ``[dim, r]``, whose product is the transposed delta.
+    """
+    out = {}
+    for name, (b, a) in factors.items():
+        module = _PEFT_PREFIX + name.removesuffix(".weight")
+        if classify(name).role == "embedding":
+            out[f"{module}.lora_embedding_A"] = b.T.contiguous()
+            out[f"{module}.lora_embedding_B"] = a.T.contiguous()
+        else:
+            out[f"{module}.lora_A.weight"] = a.contiguous()
+            out[f"{module}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def from_peft_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of ``peft_tensors``: (B, A) per checkpoint tensor name."""
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            out[module.removeprefix(_PEFT_PREFIX) + ".weight"] = (tensors[module + ".lora_B.weight"], a)
+        elif key.endswith(".lora_embedding_A"):
+            module = key.removesuffix(".lora_embedding_A")
+            b_t = tensors[module + ".lora_embedding_B"]
+            out[module.removeprefix(_PEFT_PREFIX) + ".weight"] = (a.T, b_t.T)
+    return out
+
+
+def carried(name: str, shape: list[int] | tuple[int, ...]) -> bool:
+    """Whether a LoRA slot can carry this tensor's delta: a 2-D weight of an attention, MLP, embedding or head."""
+    return len(shape) == 2 and name.endswith(".weight") and classify(name).role in CARRIED_ROLES
+
+
+def dropped_kind(name: str) -> str:
+    """How an uncarried tensor is reported: ``bias``, or its role (``norm``, ``head``, ...)."""
+    return "bias" if name.endswith(".bias") else classify(name).role
 
 
 def adapter_from_vector(
@@ -131,38 +178,84 @@ def adapter_from_vector(
     method: str = "randomized",
     seed: int = 0,
 ) -> LoraAdapter:
-    """Factorise every linear module of tau (rank-r, or the smallest rank reaching ``energy`` of ||tau||^2)."""
+    """Factorise every carried tensor of tau (rank-r, or the smallest rank reaching ``energy`` of ||tau||^2).
+
+    Tensors whose tau is exactly zero are not factorised: they are absent from the adapter and cost nothing. With
+    tied embeddings the one embedding tensor is also the output head, so its factors serve both (``lm_head``).
+    """
     if (rank is None) == (energy is None):
         raise TunevecError("give exactly one of --rank or --energy")
     if rank is not None and not 1 <= rank <= max_rank:
         raise TunevecError(f"rank {rank} outside 1..{max_rank}")
+    entries = vector.manifest.tensors
+    wanted = [n for n, e in entries.items() if carried(n, e.shape) and e.norm > 0]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: dict[str, dict] = {}
-    dropped: dict[str, float] = {}
-    total = 0.0
-    for name, tau in vector.stream():
-        entry = vector.manifest.tensors[name]
-        total += entry.norm**2
-        if classify(name).module not in TARGET_MODULES or tau.dim() != 2:
-            dropped[entry.role] = dropped.get(entry.role, 0.0) + entry.norm**2
-            continue
+    for name, tau in vector.stream(wanted):
         lr = factorise(
             tau.to(torch.float32), rank=rank, energy=energy, method=method, max_rank=max_rank, seed=seed
         )
         factors[name] = (lr.B, lr.A)
         modules[name] = {"rank": lr.rank, "rel_error": lr.rel_error, "energy": lr.energy}
+    if vector.manifest.policies.get("tied_embeddings") and HEAD not in factors:
+        tied = [n for n in factors if classify(n).role == "embedding"]
+        if len(tied) == 1:
+            factors[HEAD] = factors[tied[0]]
+            modules[HEAD] = {**modules[tied[0]], "tied_to": tied[0]}
+    total = sum(e.norm**2 for e in entries.values())
+    dropped: dict[str, float] = {}
+    for name, e in entries.items():
+        if not carried(name, e.shape) and e.norm > 0:
+            kind = dropped_kind(name)
+            dropped[kind] = dropped.get(kind, 0.0) + e.norm**2
     meta = {
         "vector": vector.name,
-        "vector_path": str(vector.path.resolve()),
+        "content_digest": vector.content_digest,
         "base_fingerprint": vector.manifest.base.get("fingerprint"),
         "method": method,
         "rank": rank,
         "energy_target": energy,
         "modules": modules,
-        # Share of ||tau||^2 that no LoRA slot carries (embeddings, norms, head), by role.
-        "dropped": {role: e / total if total else 0.0 for role, e in dropped.items()},
+        # Share of ||tau||^2 that no LoRA slot carries (biases, norms, head), by kind.
+        "dropped": {kind: e / total if total else 0.0 for kind, e in dropped.items()},
     }
     return LoraAdapter(factors, meta)
+
+
+def factor_cache(
+    vector: TuningVector,
+    cache_dir: str | os.PathLike[str],
+    *,
+    rank: int | None,
+    energy: float | None,
+    max_rank: int,
+) -> Path:
+    """The folder holding ``vector``'s factors at these settings, factorised now if it is not there yet.
+
+    Named by the vector's name, content digest and settings, so a re-extracted vector, or other settings, get a
+    folder of their own and stale factors are never read.
+    """
+    how = f"r{rank}" if rank is not None else f"e{energy}"
+    digest = vector.content_digest
+    path = Path(cache_dir) / "vectors" / f"{vector.name}-{digest[:16]}-{how}-m{max_rank}-v{FACTORS_VERSION}"
+    meta_file = path / ADAPTER_META
+    if meta_file.exists():
+        try:
+            if json.loads(meta_file.read_text()).get("content_digest") == digest:
+                return path
+        except (OSError, ValueError):
+            pass  # unreadable: factorise again below
+    adapter = adapter_from_vector(vector, rank=rank, energy=energy, max_rank=max_rank)
+    adapter.save(path)
+    return path
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict:
+    """A factor folder's ``tunevec_adapter.json`` (ranks per module, dropped shares, content digest)."""
+    try:
+        return json.loads((Path(path) / ADAPTER_META).read_text())
+    except (OSError, ValueError) as exc:
+        raise TunevecError(f"{path}: unreadable adapter metadata: {exc}") from exc
 
 
 def truncate(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:

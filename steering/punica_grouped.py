@@ -113,6 +113,18 @@ def plan_runs(token_ids: tuple[int, ...] | list[int], lora_index_to_id: list[int
     return runs
 
 
+def plan_slot_runs(slots: list[int]) -> list[_Run]:
+    """Runs of consecutive rows with the same slot; slot -1 ("no adapter") is in no run."""
+    runs = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            if slots[start] >= 0:
+                runs.append(_Run(start, i, slots[start]))
+            start = i
+    return runs
+
+
 def _real_rank_a(a: torch.Tensor) -> int:
     """Rows of ``a`` ([r_max, in]) up to the last one with a non-zero entry."""
     nz = torch.nonzero(a.abs().sum(dim=1)).flatten()
@@ -163,7 +175,9 @@ def pack_embedding(lora_b: torch.Tensor, slot: int, dtype: torch.dtype) -> _Pack
 class PunicaWrapperGrouped(PunicaWrapperCPU):
     """Grouped, rank-exact LoRA for vLLM (see the module docstring). Logits and sharded paths are inherited."""
 
-    def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs: Any):
+    def __init__(
+        self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs: Any
+    ):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
         self._slot_ids: list[int | None] = []
         # id(layer's stacked weight tuple) -> (that tuple, {slot: pack or None}); the tuple is kept so its id
@@ -200,10 +214,12 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
             by_slot[slot] = build(slot)
         return by_slot[slot]
 
-    def _stacked(self, key_obj: Any, packs: list[_Pack | None]) -> tuple[_Pack, tuple[int, ...]]:
+    def _stacked(
+        self, key_obj: Any, packs: list[_Pack | None], plan: _StepPlan
+    ) -> tuple[_Pack, tuple[int, ...]]:
         """The active slots' packs side by side (zero-rank slots take no columns), cached per slot layout."""
         ranks = tuple(0 if p is None else p.rank for p in packs)
-        key = (id(key_obj), tuple(self._plan.slots))
+        key = (id(key_obj), tuple(plan.slots))
         stack = self._stacks.get(key)
         if stack is None:
             live = [p for p in packs if p is not None]
@@ -229,7 +245,9 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         if not plan.runs:
             return
         packs = {
-            s: self._pack(lora_a_stacked, s, lambda s: pack_linear(lora_a_stacked, lora_b_stacked, s, x.dtype))
+            s: self._pack(
+                lora_a_stacked, s, lambda s: pack_linear(lora_a_stacked, lora_b_stacked, s, x.dtype)
+            )
             for s in plan.slots
         }
         y2 = y.view(-1, y.shape[-1])
@@ -251,18 +269,77 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         if not add_inputs:
             y.zero_()
         packs = {
-            s: self._pack(lora_b_stacked, s, lambda s: pack_embedding(lora_b_stacked, s, y.dtype)) for s in plan.slots
+            s: self._pack(lora_b_stacked, s, lambda s: pack_embedding(lora_b_stacked, s, y.dtype))
+            for s in plan.slots
         }
         # Each token's row already is its own slot's shrink, so there is no all-slots product to take: run by run.
-        self._apply(y, x, lora_b_stacked, packs, 1.0, lambda p, xs: xs[:, : p.rank].to(y.dtype), stacked=False)
+        self._apply(
+            y, x, lora_b_stacked, packs, 1.0, lambda p, xs: xs[:, : p.rank].to(y.dtype), stacked=False
+        )
 
-    def _apply(self, y, x, key_obj, packs, scale: float, shrink, stacked: bool = True) -> None:  # noqa: ANN001
+    def add_lora_logits(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale: float,
+        *,
+        buffer: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The output head's LoRA on logits rows: one row per sampled token, or one per prompt token when vLLM
+        computes prompt logprobs (tunevec's CPU runner fix tells which; docs/cpu-lora-logprobs.md)."""
+        y2 = y.view(-1, y.shape[-1])
+        x2 = x.view(-1, x.shape[-1])
+        slots = self._logits_slots(x2.size(0), lora_b_stacked)
+        if slots is None:
+            return
+        plan = _StepPlan(plan_slot_runs(slots), len(slots))
+        if not plan.runs:
+            return
+        vocab = lora_b_stacked.shape[2]
+        packs = {
+            s: self._pack(
+                lora_a_stacked, s, lambda s: pack_linear((lora_a_stacked,), (lora_b_stacked,), s, y.dtype)
+            )
+            for s in plan.slots
+        }
+        self._apply(
+            y2[:, :vocab], x2, lora_a_stacked, packs, scale, lambda p, xs: xs.to(p.a.dtype) @ p.a.T, plan=plan
+        )
+
+    def _logits_slots(self, rows: int, lora_b_stacked: torch.Tensor) -> list[int] | None:
+        """The slot of each logits row, or None when no row can carry a head delta."""
+        from tunevec.steering.vllm_patches import ROW_SLOTS_ATTR
+
+        routed = self.__dict__.get(ROW_SLOTS_ATTR)
+        if isinstance(routed, torch.Tensor) and routed.numel() == rows:
+            return routed.tolist()  # prompt-logprob rows, routed per token
+        if routed is None and self.sampler_indices.numel() == rows:
+            return self.sampler_indices.tolist()  # one row per sampled token
+        active = sorted({r.slot for r in self._plan.runs})
+        if not active or not any(bool(lora_b_stacked[s].any()) for s in active):
+            return None  # no adapter in this step touches the head: nothing to add, exactly
+        if len(active) == 1 and self._plan_covers_all():
+            return [active[0]] * rows
+        raise RuntimeError(
+            f"tunevec: cannot attribute {rows} logits rows to requests while an adapter with an output-head delta "
+            "is active; see docs/cpu-lora-logprobs.md"
+        )
+
+    def _plan_covers_all(self) -> bool:
+        """Whether every token of the step uses the same one slot (then every logits row does too)."""
         plan = self._plan
+        return len(plan.runs) == 1 and plan.runs[0].start == 0 and plan.runs[0].stop == plan.num_tokens
+
+    def _apply(self, y, x, key_obj, packs, scale: float, shrink, stacked: bool = True, plan=None) -> None:  # noqa: ANN001
+        plan = self._plan if plan is None else plan
         if all(p is None for p in packs.values()):
             return
         if stacked and plan.stacked:
             ordered = [packs[s] for s in plan.slots]
-            stack, ranks = self._stacked(key_obj, ordered)
+            stack, ranks = self._stacked(key_obj, ordered, plan)
             n = plan.num_tokens
             h = shrink(stack, x[:n])
             h.mul_(plan.mask(ranks, h.dtype, h.device))

@@ -59,8 +59,8 @@ logger = logging.getLogger("vllm.tunevec.vllm_patches")
 ENV_SWITCH = "TUNEVEC_CPU_LORA_LOGITS_FIX"
 VERIFIED_VLLM_VERSIONS = frozenset({"0.32.0"})
 _MARK = "_tunevec_cpu_lora_logits_fix"
-_ROW_ATTR = "_tunevec_logits_lora_indices"
-_UNKNOWN_ROWS = "unknown"  # _ROW_ATTR value: inside a prompt-logprob call, rows not located
+ROW_SLOTS_ATTR = "_tunevec_logits_lora_indices"
+_UNKNOWN_ROWS = "unknown"  # ROW_SLOTS_ATTR value: inside a prompt-logprob call, rows not located
 _warned: set[str] = set()
 _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
@@ -235,7 +235,7 @@ def _make_add_lora_logits(orig):
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         rows = x2.size(0)
-        routed = self.__dict__.get(_ROW_ATTR)
+        routed = self.__dict__.get(ROW_SLOTS_ATTR)
         if isinstance(routed, torch.Tensor) and routed.numel() == rows:
             idx = routed  # prompt-logprob rows: per-token mapping set by the runner patch
             known = True
@@ -332,12 +332,12 @@ def _make_prompt_logprobs_dict(orig):
             for pw in wrappers:
                 token_idx = pw.token_lora_indices
                 ok = rows is not None and token_idx.numel() == hidden_states.shape[0]
-                pw.__dict__[_ROW_ATTR] = token_idx[rows] if ok else _UNKNOWN_ROWS
+                pw.__dict__[ROW_SLOTS_ATTR] = token_idx[rows] if ok else _UNKNOWN_ROWS
             try:
                 return inner(prompt_hidden_states, *args, **kwargs)
             finally:
                 for pw in wrappers:
-                    pw.__dict__[_ROW_ATTR] = None
+                    pw.__dict__[ROW_SLOTS_ATTR] = None
 
         model.__dict__["compute_logits"] = compute_logits
         try:

@@ -28,14 +28,36 @@ def library(tmp_path):
     return VectorLibrary.from_dir(tmp_path / "vectors")
 
 
-def test_full_rank_adapter_reproduces_every_linear_tau(library):
+def test_full_rank_adapter_reproduces_every_carried_tau(library):
     vec = library["medical"]
     adapter = adapter_from_vector(vec, rank=16, method="full")
     for name, tau in vec.stream():
-        if name in adapter.factors:
+        if tau.dim() == 2:  # every projection and the embedding table
             torch.testing.assert_close(adapter.delta(name), tau, atol=1e-4, rtol=1e-4)
-    assert set(adapter.meta["dropped"]) == {"embedding", "norm"}
-    assert 0 < adapter.meta["dropped"]["embedding"] < 1
+    # Only the norms have no LoRA slot; nothing else is left out.
+    assert set(adapter.meta["dropped"]) == {"norm"}
+    assert 0 < adapter.meta["dropped"]["norm"] < 1
+
+
+def test_tied_embeddings_give_the_head_the_embedding_factors(library):
+    vec = library["medical"]
+    assert vec.manifest.policies["tied_embeddings"]
+    adapter = adapter_from_vector(vec, rank=4)
+    head, emb = adapter.factors["lm_head.weight"], adapter.factors["model.embed_tokens.weight"]
+    assert head[0] is emb[0] and head[1] is emb[1]
+    assert adapter.meta["modules"]["lm_head.weight"]["tied_to"] == "model.embed_tokens.weight"
+
+
+def test_tensors_whose_tau_is_zero_are_left_out(tmp_path):
+    base = llama_like(0, hidden=16)
+    tuned = dict(base)
+    tuned[UP] = base[UP] + 0.1  # only one module changes
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", tuned)
+    vec = extract(tmp_path / "b", tmp_path / "t", tmp_path / "v", progress=False)
+    adapter = adapter_from_vector(vec, rank=4)
+    assert set(adapter.factors) == {UP}
+    assert adapter.meta["dropped"] == {}
 
 
 def test_energy_target_picks_per_module_ranks_that_reach_it(library):
@@ -98,6 +120,8 @@ def test_saved_adapter_is_peft_layout_with_alpha_equal_rank_and_no_modules_to_sa
         "gate_proj",
         "up_proj",
         "down_proj",
+        "embed_tokens",
+        "lm_head",
     }
     back = LoraAdapter.load(path)
     for name in adapter.factors:  # zero padding to r changes nothing

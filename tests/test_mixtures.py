@@ -1,53 +1,91 @@
-"""The mixture registry without an engine: content-addressed adapters, rank limits, LRU eviction."""
+"""Mixtures without an engine: naming, identity, limits, what adapters leave out, and vLLM's registry kept bounded."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from synthetic import llama_like, perturbed, write_model
-from tunevec.server.config import ServerConfig
-from tunevec.server.mixtures import MixtureRegistry
+from tunevec.server.config import LoraSettings
+from tunevec.server.engine_models import EngineLoadError, ServedMixtures
+from tunevec.server.mixtures import MixtureRegistry, served_name
 from tunevec.steering.library import VectorLibrary
+from tunevec.steering.vllm_lora import MIXTURE_PREFIX
 
 from tunevec.core.errors import NotFoundError, TunevecError
 from tunevec.core.extract import extract
 
 
+def files_under(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_file()}
+
+
 @pytest.fixture
-def registry_factory(tmp_path):
+def vectors_dir(tmp_path) -> Path:
     base = llama_like(0, hidden=16)
     write_model(tmp_path / "b", base)
     for i, name in enumerate(("medical", "math")):
         write_model(tmp_path / name, perturbed(base, seed=3 + i, scale=0.1))
         extract(tmp_path / "b", tmp_path / name, tmp_path / "vectors" / name, progress=False)
+    return tmp_path / "vectors"
 
+
+@pytest.fixture
+def registry_factory(vectors_dir, tmp_path):
     def make(**kw) -> MixtureRegistry:
-        cfg = ServerConfig(base=str(tmp_path / "b"), vectors=str(tmp_path / "vectors"), **kw)
-        return MixtureRegistry(cfg, VectorLibrary.from_dir(cfg.vectors))
+        settings = LoraSettings(**({"max_dropped_share": 1.0} | kw))
+        return MixtureRegistry.prepare(
+            VectorLibrary.from_dir(vectors_dir), str(tmp_path / "cache"), settings, 2
+        )
 
     return make
 
 
-def test_equal_specs_share_one_adapter_and_id(registry_factory):
+def test_equal_specs_share_one_name_and_id_and_nothing_is_written_per_mixture(registry_factory, tmp_path):
     reg = registry_factory(adapter_rank=4, max_lora_rank=8)
-    a = asyncio_run(reg.resolve(reg.parse("medical:0.5+math")))
-    b = asyncio_run(reg.resolve(reg.parse("math:1+medical:.5")))
-    assert a is b and a.request.lora_int_id == reg.parse("medical:0.5+math").int_id()
-    c = asyncio_run(reg.resolve(reg.parse("medical:0.25+math")))
-    assert c.request.lora_int_id != a.request.lora_int_id and c.request.lora_path != a.request.lora_path
+    before = files_under(tmp_path / "cache")
+    a = reg.mixture(reg.parse("medical:0.5+math"))
+    b = reg.mixture(reg.parse("math:1+medical:.5"))
+    assert a.name == b.name == "math+medical:0.5" and a.request.lora_int_id == b.request.lora_int_id
+    assert a.request.lora_path == MIXTURE_PREFIX + "math+medical:0.5"
+    others = {reg.mixture(reg.parse(f"medical:{k / 100}+math")).request.lora_int_id for k in range(51, 90)}
+    assert a.request.lora_int_id not in others and len(others) == 39
+    assert files_under(tmp_path / "cache") == before  # 40 mixtures, not one byte on disk
+
+
+def test_a_bare_vector_name_is_served_with_its_coefficient_spelled_out(registry_factory):
+    reg = registry_factory()
+    assert served_name(reg.parse("medical")) == "medical:1"  # never mistaken for a chat content-part type
+    assert served_name(reg.parse("medical@mlp")) == "medical@mlp"
+
+
+def test_a_re_extracted_vector_gets_new_ids_for_the_same_spec(vectors_dir, tmp_path, registry_factory):
+    old = registry_factory().mixture(registry_factory().parse("medical:0.5"))
+    base = llama_like(0, hidden=16)
+    write_model(tmp_path / "medical2", perturbed(base, seed=99, scale=0.1))
+    extract(
+        tmp_path / "b",
+        tmp_path / "medical2",
+        vectors_dir / "medical",
+        name="medical",
+        force=True,
+        progress=False,
+    )
+    new = registry_factory().mixture(registry_factory().parse("medical:0.5"))
+    assert new.name == old.name and new.request.lora_int_id != old.request.lora_int_id
 
 
 def test_rank_over_the_engine_limit_is_refused_unless_truncation_is_allowed(registry_factory):
     reg = registry_factory(adapter_rank=8, max_lora_rank=8)
     with pytest.raises(TunevecError, match="rank 16, above the server's max LoRA rank 8"):
-        asyncio_run(reg.resolve(reg.parse("medical+math")))
+        reg.mixture(reg.parse("medical+math"))
     reg = registry_factory(adapter_rank=8, max_lora_rank=8, allow_truncation=True)
-    mixture = asyncio_run(reg.resolve(reg.parse("medical+math")))
-    assert mixture.rank == 8 and 0 < mixture.max_rel_error < 1
+    mixture = reg.mixture(reg.parse("medical+math"))
+    assert mixture.rank == 8 and mixture.truncated
 
 
-def test_limits_from_the_config_apply_to_requests(registry_factory):
+def test_limits_from_the_settings_apply_to_requests(registry_factory):
     reg = registry_factory(max_components=1, max_abs_alpha=1.5)
     with pytest.raises(TunevecError, match="components"):
         reg.parse("medical+math")
@@ -57,43 +95,70 @@ def test_limits_from_the_config_apply_to_requests(registry_factory):
         reg.parse("cardio")
 
 
-def test_least_recently_used_mixtures_are_evicted_and_reported(registry_factory):
-    reg = registry_factory(adapter_rank=2, cache_capacity=2)
-    evicted = []
-    reg._on_evict = evicted.append
-    for spec in ("medical", "math", "medical:0.5"):
-        asyncio_run(reg.resolve(reg.parse(spec)))
-    assert [m.name for m in evicted] == ["medical"]
-    assert [m.name for m in reg.loaded()] == ["math", "medical:0.5"]
+def test_a_vector_an_adapter_carries_only_in_part_is_refused_above_the_setting(registry_factory):
+    strict = registry_factory(max_dropped_share=0.0)
+    share = strict.dropped_share(strict.parse("medical").components[0])
+    assert 0 < share < 1  # the synthetic fine-tune moved its norms, which no LoRA slot carries
+    with pytest.raises(
+        TunevecError, match=r"vector 'medical'.*of its \|\|tau\|\|\^2 has no LoRA slot.*max_dropped_share 0"
+    ):
+        strict.mixture(strict.parse("medical"))
+    strict.mixture(strict.parse("medical@mlp"))  # its MLP part is carried whole
+    registry_factory(max_dropped_share=share).mixture(strict.parse("medical"))
 
 
-def test_disk_cache_is_bounded_and_spares_recent_and_registered_mixtures(registry_factory, monkeypatch):
-    import os
-    import time
-
-    import tunevec.server.mixtures
-
-    reg = registry_factory(adapter_rank=2, cache_capacity=1)
-    monkeypatch.setattr(tunevec.server.mixtures, "DISK_FACTOR", 2)  # keep 2 folders on disk
-    folders = reg.cache_dir / "mixtures"
-    specs = ["medical", "math", "medical:0.5"]
-    for spec in specs:
-        asyncio_run(reg.resolve(reg.parse(spec)))
-    assert len(list(folders.iterdir())) == 3  # over the bound, but every folder was used moments ago
-
-    long_ago = time.time() - 2 * tunevec.server.mixtures.KEEP_RECENT_S
-    for age, folder in enumerate(sorted(folders.iterdir())):
-        os.utime(folder, (long_ago + age, long_ago + age))
-    registered = reg.loaded()[0].request.lora_path
-    asyncio_run(reg.resolve(reg.parse("math:0.5")))  # a 4th folder: the two oldest unregistered ones go
-    left = {str(p) for p in folders.iterdir()}
-    assert len(left) == 2 and registered in left
-    # a pruned mixture asked for again is simply rebuilt
-    for spec in specs:
-        assert Path(asyncio_run(reg.resolve(reg.parse(spec))).request.lora_path).is_dir()
+def test_nonlinear_merges_are_refused_per_request(registry_factory):
+    reg = registry_factory()
+    with pytest.raises(TunevecError, match="exact only for linear"):
+        reg.mixture(reg.parse("ties(density=0.5)/medical+math"))
 
 
-def asyncio_run(coro):
-    import asyncio
+# --- vLLM's model registry, without an engine ----------------------------------------------------------------
 
-    return asyncio.run(coro)
+
+class FakeModels:
+    def __init__(self):
+        self.lora_requests: dict = {}
+
+
+class FakeEngine:
+    def __init__(self, fail: set[str] = frozenset()):
+        self.loaded: list[str] = []
+        self.fail = fail
+
+    async def add_lora(self, request):
+        if request.lora_name in self.fail:
+            raise ValueError("no such module")
+        self.loaded.append(request.lora_name)
+
+
+def test_registered_names_stay_bounded_and_one_in_flight_is_never_evicted(registry_factory):
+    reg = registry_factory()
+    models, engine = FakeModels(), FakeEngine()
+    served = ServedMixtures(models, engine, capacity=2)
+    mixtures = [reg.mixture(reg.parse(f"medical:{k}")) for k in (0.1, 0.2, 0.3, 0.4)]
+
+    async def run():
+        await served.acquire(mixtures[0])  # in flight for the whole test
+        for m in mixtures[1:]:
+            await served.acquire(m)
+            served.release(m)
+        assert mixtures[0].name in models.lora_requests  # the oldest, but busy
+        assert len(models.lora_requests) == 2
+        served.release(mixtures[0])
+        await served.acquire(mixtures[1])
+        served.release(mixtures[1])
+        assert mixtures[0].name not in models.lora_requests and len(models.lora_requests) == 2
+
+    asyncio.run(run())
+    assert engine.loaded[:4] == [m.name for m in mixtures]
+
+
+def test_an_engine_refusal_is_reported_and_nothing_is_registered(registry_factory):
+    reg = registry_factory()
+    mixture = reg.mixture(reg.parse("medical:0.5"))
+    models = FakeModels()
+    served = ServedMixtures(models, FakeEngine(fail={mixture.name}), capacity=2)
+    with pytest.raises(EngineLoadError, match="could not load mixture 'medical:0.5': no such module"):
+        asyncio.run(served.acquire(mixture))
+    assert models.lora_requests == {}

@@ -1,0 +1,172 @@
+"""vLLM's worker side of per-request mixtures: adapters composed in memory, run by the grouped LoRA op.
+
+A mixture reaches the engine as an ordinary ``LoRARequest`` whose path is ``tunevec-mixture:<canonical spec>``.
+Nothing is written to disk for it. In each worker process:
+
+- every vector's low-rank factors (factorised once per server, ``steering/lora.py``) are read from the factor cache
+  on first use and stay resident, checked against the content digest the server announced;
+- ``_load_adapter`` composes the mixture's ``LoRAModel`` from them in memory (the exact stacked sum of
+  ``alpha_i * B_i A_i``, ``steering.lora.compose``) and hands it to vLLM's own loader, so packing (q/k/v into
+  qkv_proj ...), name mapping, slots and the LRU are vLLM's;
+- on CPU the platform's punica wrapper becomes ``PunicaWrapperGrouped`` (``steering/punica_grouped.py``), told on
+  every slot activation to drop what it derived from the slot's old weights.
+
+The vectors a worker may use come from the ``TUNEVEC_MIXTURE_VECTORS`` environment variable (name -> factor folder
+and content digest), set by ``tunevec serve`` before vLLM spawns its engine. A request can only name a spec; the
+factor folders are the server's, so a client cannot make the engine read anything else.
+
+``install()`` touches two vLLM names, in one version-checked place: the model runner's worker LoRA manager class
+and, on CPU, the platform's punica-wrapper selection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Any
+
+logger = logging.getLogger("vllm.tunevec.lora")
+
+MIXTURE_PREFIX = "tunevec-mixture:"
+VECTORS_ENV = "TUNEVEC_MIXTURE_VECTORS"
+VERIFIED_VLLM_VERSIONS = frozenset({"0.32.0"})
+GROUPED_WRAPPER = "tunevec.steering.punica_grouped.PunicaWrapperGrouped"
+_CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+
+
+def mixture_path(canonical: str) -> str:
+    """The ``lora_path`` that names a mixture to the engine."""
+    return MIXTURE_PREFIX + canonical
+
+
+def vectors_env(vectors: dict[str, dict[str, str]]) -> str:
+    """The ``TUNEVEC_MIXTURE_VECTORS`` value for ``{name: {"path": factor folder, "digest": content digest}}``."""
+    return json.dumps(vectors, sort_keys=True)
+
+
+class ResidentFactors:
+    """Each vector's factors, read once per process and kept; a digest that changed is read again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_digest: dict[str, Any] = {}
+
+    def announced(self) -> dict[str, dict[str, str]]:
+        raw = os.environ.get(VECTORS_ENV)
+        if not raw:
+            raise RuntimeError(f"{VECTORS_ENV} is not set; per-request mixtures need `tunevec serve`")
+        return json.loads(raw)
+
+    def adapters(self, names: tuple[str, ...]) -> dict[str, Any]:
+        from tunevec.steering.lora import LoraAdapter
+
+        announced = self.announced()
+        out = {}
+        with self._lock:
+            for name in names:
+                entry = announced.get(name)
+                if entry is None:
+                    raise ValueError(f"mixture names vector {name!r}, which this server does not serve")
+                digest = entry["digest"]
+                adapter = self._by_digest.get(digest)
+                if adapter is None:
+                    adapter = LoraAdapter.load(entry["path"])
+                    found = adapter.meta.get("content_digest")
+                    if found != digest:
+                        raise ValueError(
+                            f"factor cache {entry['path']} holds vector content {found}, the server announced "
+                            f"{digest}; restart the server to refactorise"
+                        )
+                    self._by_digest[digest] = adapter
+                out[name] = adapter
+        return out
+
+
+RESIDENT = ResidentFactors()
+
+
+def compose_lora_model(manager: Any, lora_request: Any) -> Any:
+    """The mixture's ``LoRAModel``, composed from resident factors with vLLM's own tensor-dict loader."""
+    from tunevec.steering.lora import compose, peft_tensors
+    from tunevec.steering.spec import Spec
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    spec = Spec.parse(lora_request.lora_path.removeprefix(MIXTURE_PREFIX))
+    max_rank = manager.lora_config.max_lora_rank
+    adapter = compose(spec, RESIDENT.adapters(spec.vectors), max_rank=max_rank)
+    if not adapter.factors:
+        raise ValueError(f"mixture {spec.canonical()!r} selects no module this engine can adapt")
+    # alpha == r: vLLM's scale alpha / r is exactly 1 for every module, whatever its own rank.
+    helper = PEFTHelper(r=max_rank, lora_alpha=max_rank, target_modules=[])
+    model = manager._adapter_manager.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        lora_model_id=lora_request.lora_int_id,
+        tensors=peft_tensors(adapter.factors),
+        peft_helper=helper,
+        device="cpu",
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+        weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+    lora.is_3d_lora_weight = False
+    return lora
+
+
+def install() -> bool:
+    """Route mixtures through in-memory composition and, on CPU, the grouped op. Idempotent; False if skipped."""
+    import vllm
+
+    version = vllm.__version__.split("+")[0]
+    if version not in VERIFIED_VLLM_VERSIONS:
+        logger.warning(
+            "tunevec: vLLM %s is not a version the mixture path was verified on (%s); per-request mixtures are "
+            "off (requests for them fail with a clear error)",
+            version,
+            ", ".join(sorted(VERIFIED_VLLM_VERSIONS)),
+        )
+        return False
+    from tunevec.steering.punica_grouped import PunicaWrapperGrouped
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+    from vllm.platforms import current_platform
+    from vllm.v1.worker import lora_model_runner_mixin
+
+    if getattr(lora_model_runner_mixin.LRUCacheWorkerLoRAManager, "_tunevec", False):
+        return True
+
+    class GroupedLoRAModelManager(LRUCacheLoRAModelManager):
+        """vLLM's LRU manager that tells grouped wrappers when a slot gets new weights."""
+
+        def activate_adapter(self, lora_id: int) -> bool:
+            activated = super().activate_adapter(lora_id)
+            if activated:
+                slot = self.lora_index_to_id.index(lora_id)
+                for wrapper in self.punica_wrapper_mapping.values():
+                    if isinstance(wrapper, PunicaWrapperGrouped):
+                        wrapper.invalidate_slot(slot)
+            return activated
+
+    class TunevecWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+        """vLLM's worker LoRA manager; ``tunevec-mixture:`` paths are composed in memory, others load as usual."""
+
+        _tunevec = True
+        _manager_cls = GroupedLoRAModelManager
+
+        def _load_adapter(self, lora_request):  # noqa: ANN001, ANN202
+            if not lora_request.lora_path.startswith(MIXTURE_PREFIX):
+                return super()._load_adapter(lora_request)
+            return compose_lora_model(self, lora_request)
+
+    lora_model_runner_mixin.LRUCacheWorkerLoRAManager = TunevecWorkerLoRAManager
+    platform_cls = type(current_platform)
+    if current_platform.is_cpu() and platform_cls.get_punica_wrapper() == _CPU_WRAPPER:
+        platform_cls.get_punica_wrapper = classmethod(lambda cls: GROUPED_WRAPPER)
+    logger.info(
+        "tunevec: in-memory mixtures installed (punica wrapper %s)", current_platform.get_punica_wrapper()
+    )
+    return True

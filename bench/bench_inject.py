@@ -35,18 +35,17 @@ from _common import (
     vocab_size,
     workdir_for,
 )
-from tunevec.eval.grid import ServerSettings
-from tunevec.eval.launch import checkpoint_command, free_port, inject_command, server_env, spawn
+from tunevec.eval.launch import checkpoint_server, free_port, injected_server, spawn
+from tunevec.server.config import EngineSettings
 
 TARGET = 0.98
 
 
-def measure(cmd_for, name: str, prompts: list[list[int]], args, workdir: Path, tag: str) -> dict:
+def measure(server_for, name: str, prompts: list[list[int]], args, workdir: Path, tag: str) -> dict:
     port = free_port()
-    settings = ServerSettings(dtype=args.engine_dtype, max_model_len=512, reserved_cpus=0)
-    server = spawn(
-        cmd_for(port, settings), port, workdir / f"{tag}.log", f"server {tag}", server_env(settings)
-    )
+    settings = EngineSettings(dtype=args.engine_dtype, max_model_len=512, enforce_eager=True, reserved_cpus=0)
+    command, env = server_for(port, settings)
+    server = spawn(command, port, workdir / f"{tag}.log", f"server {tag}", env)
     try:
         server.wait_ready(900)
         # Warm-up with the measured shapes (batch sizes, lengths): first steps of a shape pay one-off costs.
@@ -111,18 +110,18 @@ def main() -> int:
         ),
         flush=True,
     )
-    commands = {
-        "P": lambda port, s: checkpoint_command(base, "base", s, port),
-        "I": lambda port, s: inject_command(base, vectors, args.spec, "base", s, port),
+    servers = {
+        "P": lambda port, s: checkpoint_server(base, "base", s, port),
+        "I": lambda port, s: injected_server(base, vectors, args.spec, "base", s, port),
     }
     if args.control:
-        commands["I"] = commands["P"]
+        servers["I"] = servers["P"]
     rows: list[tuple[int, dict]] = []
     for r in range(args.rounds):
         prompts = random_prompts(vocab_size(base), max(args.gen, args.loglik), args.prompt_len, seed=r)
         for tag in ("P", "I") if r % 2 == 0 else ("I", "P"):
             t0 = time.monotonic()
-            res = measure(commands[tag], tag, prompts, args, workdir, f"{tag}{r}")
+            res = measure(servers[tag], tag, prompts, args, workdir, f"{tag}{r}")
             rows.append((r, res))
             print(
                 f"  round {r + 1} {tag}: gen {res['gen_tps']:7.1f} tok/s, loglik {res['ll_tps']:8.1f} tok/s, "

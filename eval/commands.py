@@ -200,8 +200,11 @@ def evaluate(
     grid: Any, out: Path, *, server_url: str | None = None, fresh: bool = False, dry_run: bool = False
 ) -> dict[str, Any]:
     """Validate, run the unfinished cells, write tables and plots; returns paths, table text and failures."""
+    from tunevec.eval.harness import load_cells
+    from tunevec.eval.plan import GridRun, prepare
     from tunevec.eval.plots import write_plots
-    from tunevec.eval.runner import GridRun, load_cells, prepare, run_grid, say
+    from tunevec.eval.progress import say
+    from tunevec.eval.runner import run_grid
     from tunevec.eval.table import build_rows, to_markdown, write_tables
 
     run: GridRun = prepare(grid, out, server_url=server_url, fresh=fresh)
@@ -227,7 +230,7 @@ def evaluate(
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from tunevec.eval.runner import say
+    from tunevec.eval.progress import say
 
     grid = grid_from_args(args)
     out = Path(args.out) if args.out else Path("artifacts") / "eval" / grid.name

@@ -21,9 +21,10 @@ A grid names *variants* (what is served) and *tasks* (lm-eval task names); every
     server: {dtype: float32, max_model_len: 1024, adapter_rank: 16, max_lora_rank: 64}
     lm_eval: {num_concurrent: 8, batch_size: 1, max_retries: 3}
 
-Everything here is checked by ``Grid.from_dict`` (shape, types, spec syntax) and ``Grid.check`` (paths exist,
-vectors exist and belong to the base, mixtures fit the LoRA rank, tasks are known to lm-eval), so a bad grid
-fails before any server starts. Variants are deduplicated by what they serve: ``medical`` in ``variants`` and
+The file's shape is declared in ``eval/schema.py`` (pydantic models). This module expands it: ``Grid.from_dict``
+validates the shape, parses every spec and sweep point, and turns entries into variants and tasks; ``Grid.check``
+checks them against the world (paths exist, vectors exist and belong to the base, mixtures fit the LoRA rank,
+tasks are known to lm-eval), so a bad grid fails before any server starts. Variants are deduplicated by what they serve: ``medical`` in ``variants`` and
 alpha 1 of a ``medical`` sweep are one variant (one set of cells) carrying the sweep's alpha as a tag.
 
 "tuned - tau" is not offered: tau was extracted against the base, so tuned - tau is the base itself (to float
@@ -36,76 +37,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tunevec.eval.schema import (
+    GridFile,
+    LmEvalSettings,
+    ServerSettings,
+    SweepEntry,
+    VariantEntry,
+    kind_of,
+    parse_grid,
+)
 
 from tunevec.core.errors import TunevecError
 
 BASE = "base"  # the variant (and served model name) of the plain base model on the steering server
-STEERING_MODES = ("lora", "inject")
-CHAT_MODES = (False, True, "server")  # no template / template applied by lm-eval / by the server (chat API)
-_TOP_KEYS = (
-    "name", "base", "vectors", "tasks", "include_path", "limit", "num_fewshot", "chat",
-    "variants", "sweeps", "server", "lm_eval",
-)  # fmt: skip
-_TASK_KEYS = ("name", "limit", "num_fewshot", "chat")
-_VARIANT_KEYS = ("name", "spec", "tuned", "checkpoint")
-_SWEEP_KEYS = ("name", "vector", "spec", "alphas")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """How servers started for the run are configured (ignored for variants on an external --server-url).
-
-    ``steering`` says how base + spec variants are served:
-
-    - ``lora``: one steering server (``tunevec serve``) for the base and every spec, each spec a rank-
-      ``adapter_rank`` LoRA mixture composed per request -- what tunevec serves in production;
-    - ``inject``: one plain vLLM server per variant, its weights base + delta(spec) at full rank, injected by
-      tunevec's model loader -- exact (``medical`` is the tuned checkpoint again), no LoRA kernels, but a server
-      start per variant.
-    """
-
-    steering: str = "lora"
-    dtype: str = "float32"
-    max_model_len: int = 1024
-    adapter_rank: int | None = 16
-    adapter_energy: float | None = None
-    max_lora_rank: int = 64
-    max_loras: int = 4
-    max_components: int = 4
-    max_abs_alpha: float = 4.0
-    enforce_eager: bool = True
-    startup_timeout: float = 900.0
-    # CPU backend: cores kept free of the engine's OpenMP threads (vLLM's default keeps one for its front end;
-    # 0 gives a 2-core machine's both cores to the model). None: vLLM's default.
-    reserved_cpus: int | None = None
-    extra_args: tuple[str, ...] = ()  # further vLLM engine arguments, for every server started
-
-    def result_key(self) -> dict[str, Any]:
-        """The settings that change scores (part of each cell's config hash)."""
-        key = {"steering": self.steering, "dtype": self.dtype, "max_model_len": self.max_model_len,
-               "extra_args": list(self.extra_args)}  # fmt: skip
-        if self.steering == "lora":
-            key |= {"adapter_rank": self.adapter_rank, "adapter_energy": self.adapter_energy,
-                    "max_lora_rank": self.max_lora_rank}  # fmt: skip
-        return key
-
-
-@dataclass(frozen=True)
-class LmEvalSettings:
-    """lm-eval's client side: concurrency and retries change speed, not scores (not in the config hash)."""
-
-    num_concurrent: int = 8
-    batch_size: int = 1
-    max_retries: int = 3
-    timeout: int = 300
-    bootstrap_iters: int = 100000
-    seed: int = 1234
 
 
 @dataclass(frozen=True)
@@ -197,7 +147,7 @@ class Grid:
         if data is None:
             raise TunevecError(f"grid file {path} is empty; it needs at least `tasks:` and `variants:`")
         if not isinstance(data, dict):
-            raise TunevecError(f"grid file {path}: expected a mapping at the top level, got {_kind(data)}")
+            raise TunevecError(f"grid file {path}: expected a mapping at the top level, got {kind_of(data)}")
         return cls.from_dict({**data, **(overrides or {})}, source=str(path), root=path.parent)
 
     @classmethod
@@ -206,57 +156,34 @@ class Grid:
     ) -> Grid:
         """Validate the grid's shape and specs (no file system or lm-eval access); errors name the entry."""
         where = f"grid {source}"
-        _known(data, _TOP_KEYS, where)
+        parsed = parse_grid(data, where)
         root = root or Path.cwd()
 
-        def path_of(value: Any, what: str) -> Path | None:
-            if value is None:
-                return None
-            if not isinstance(value, str | Path) or not str(value):
-                raise TunevecError(f"{where}: {what} must be a path, got {value!r}")
-            p = Path(value).expanduser()
+        def path_of(text: str) -> Path:
+            p = Path(text).expanduser()
             return p if p.is_absolute() else (root / p)
 
-        limit = _limit(data.get("limit"), f"{where}: limit")
-        fewshot = _count(data.get("num_fewshot"), f"{where}: num_fewshot")
-        chat = _chat(data.get("chat", False), f"{where}: chat")
-        tasks = [_task(t, i, where, limit, fewshot, chat) for i, t in enumerate(_list(data, "tasks", where))]
-        if not tasks:
-            raise TunevecError(f"{where}: `tasks` is empty; name at least one lm-eval task")
+        tasks = [_task(entry, parsed) for entry in parsed.tasks]
         dup = _duplicates(t.name for t in tasks)
         if dup:
             raise TunevecError(f"{where}: task {dup!r} is listed twice")
-
-        variants: list[Variant] = []
-        for i, entry in enumerate(_list(data, "variants", where, required=False)):
-            variants.append(_variant(entry, f"{where}: variants[{i}]", path_of))
-        sweeps = [
-            _sweep(s, f"{where}: sweeps[{i}]") for i, s in enumerate(_list(data, "sweeps", where, False))
-        ]
+        variants = [_variant(e, f"{where}: variants[{i}]", path_of) for i, e in enumerate(parsed.variants)]
+        sweeps = [_sweep(s, f"{where}: sweeps[{i}]") for i, s in enumerate(parsed.sweeps)]
         for sweep in sweeps:
             for alpha in sweep.alphas:
                 variants.append(_sweep_point(sweep, alpha))
         if not variants:
             raise TunevecError(f"{where}: no variants; list some under `variants:` or `sweeps:`")
-        variants = _dedupe(variants, where)
-
-        include = data.get("include_path") or []
-        include = [include] if isinstance(include, str | Path) else include
-        if not isinstance(include, list):
-            raise TunevecError(f"{where}: include_path must be a path or a list of paths")
-        name = data.get("name", Path(source).stem if source != "<command line>" else "grid")
-        if not isinstance(name, str) or not name:
-            raise TunevecError(f"{where}: name must be a non-empty string")
         return cls(
-            variants=variants,
+            variants=_dedupe(variants, where),
             tasks=tasks,
-            name=name,
-            base=path_of(data.get("base"), "base"),
-            vectors=path_of(data.get("vectors"), "vectors"),
-            include_path=[path_of(p, "include_path entry") for p in include],
+            name=parsed.name or (Path(source).stem if source != "<command line>" else "grid"),
+            base=path_of(parsed.base) if parsed.base else None,
+            vectors=path_of(parsed.vectors) if parsed.vectors else None,
+            include_path=[path_of(p) for p in parsed.include_path],
             sweeps=sweeps,
-            server=_settings(ServerSettings, data.get("server"), f"{where}: server"),
-            lm_eval=_settings(LmEvalSettings, data.get("lm_eval"), f"{where}: lm_eval"),
+            server=parsed.server,
+            lm_eval=parsed.lm_eval,
             source=source,
         )
 
@@ -348,11 +275,11 @@ class Grid:
         if self.server.adapter_rank is None or self.server.steering != "lora":
             return
         stacked = len(set(spec.vectors)) * self.server.adapter_rank
-        if stacked > self.server.max_lora_rank and "--allow-truncation" not in self.server.extra_args:
+        if stacked > self.server.max_lora_rank and not self.server.allow_truncation:
             raise TunevecError(
                 f"{where}: variant {v.name!r} stacks {len(set(spec.vectors))} vectors of rank "
                 f"{self.server.adapter_rank} (= {stacked}) above server.max_lora_rank {self.server.max_lora_rank}; "
-                "raise server.max_lora_rank or lower server.adapter_rank"
+                "raise server.max_lora_rank, lower server.adapter_rank, or set server.allow_truncation"
             )
 
     # ------------------------------------------------------------------ cells
@@ -380,83 +307,21 @@ def cell_key(variant: str, task: str) -> str:
     return safe
 
 
-def _kind(value: Any) -> str:
-    return {list: "a list", dict: "a mapping", str: "a string"}.get(type(value), type(value).__name__)
-
-
-def _known(data: dict, keys: tuple[str, ...], where: str) -> None:
-    unknown = [k for k in data if k not in keys]
-    if unknown:
-        raise TunevecError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(keys)}"
-        )
-
-
-def _list(data: dict, key: str, where: str, required: bool = True) -> list:
-    value = data.get(key)
-    if value is None:
-        if required:
-            raise TunevecError(f"{where}: `{key}` is missing")
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list):
-        raise TunevecError(f"{where}: `{key}` must be a list, got {_kind(value)}")
-    return value
-
-
-def _limit(value: Any, where: str) -> int | float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise TunevecError(f"{where} must be a positive number of docs (or a fraction < 1), got {value!r}")
-    if isinstance(value, float) and value >= 1:
-        if not value.is_integer():
-            raise TunevecError(f"{where}: {value!r} is neither a fraction below 1 nor a whole number of docs")
-        return int(value)
-    return value
-
-
-def _count(value: Any, where: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TunevecError(f"{where} must be a whole number >= 0, got {value!r}")
-    return value
-
-
-def _chat(value: Any, where: str) -> bool | str:
-    if value not in CHAT_MODES or (value == 1 and value is not True) or (value == 0 and value is not False):
-        raise TunevecError(
-            f"{where} must be false, true (lm-eval applies the template) or server, got {value!r}"
-        )
-    return value
-
-
-def _task(entry: Any, i: int, where: str, limit: Any, fewshot: Any, chat: Any) -> TaskSpec:
-    at = f"{where}: tasks[{i}]"
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict):
-        raise TunevecError(f"{at} must be a task name or a mapping with `name`, got {_kind(entry)}")
-    _known(entry, _TASK_KEYS, at)
-    name = entry.get("name")
-    if not isinstance(name, str) or not name.strip() or "," in name:
-        raise TunevecError(f"{at}: `name` must be one lm-eval task name, got {name!r}")
+def _task(entry: Any, grid: GridFile) -> TaskSpec:
+    """A task with the grid's limit, few-shot count and chat mode, unless the entry sets its own."""
+    given = entry.model_fields_set
     return TaskSpec(
-        name=name.strip(),
-        limit=_limit(entry["limit"], f"{at}: limit") if "limit" in entry else limit,
-        num_fewshot=_count(entry["num_fewshot"], f"{at}: num_fewshot") if "num_fewshot" in entry else fewshot,
-        chat=_chat(entry["chat"], f"{at}: chat") if "chat" in entry else chat,
+        name=entry.name,
+        limit=entry.limit if "limit" in given else grid.limit,
+        num_fewshot=entry.num_fewshot if "num_fewshot" in given else grid.num_fewshot,
+        chat=entry.chat if "chat" in given else grid.chat,
     )
 
 
-def _canonical(text: Any, at: str) -> str | None:
+def _canonical(text: str, at: str) -> str | None:
     """Canonical spec text; None for the base. Syntax only: which vectors exist is Grid.check's job."""
     from tunevec.steering.spec import Spec
 
-    if not isinstance(text, str) or not text.strip():
-        raise TunevecError(f"{at}: spec must be a non-empty string, got {text!r}")
     if text.strip() == BASE:
         return None
     try:
@@ -468,70 +333,19 @@ def _canonical(text: Any, at: str) -> str | None:
     return spec.canonical()
 
 
-def _variant(entry: Any, at: str, path_of: Any) -> Variant:
-    if isinstance(entry, str):
-        spec = _canonical(entry, at)
-        return Variant(name=spec or BASE, spec=spec)
-    if not isinstance(entry, dict):
-        raise TunevecError(f"{at} must be a spec string or a mapping, got {_kind(entry)}")
-    _known(entry, _VARIANT_KEYS, at)
-    given = [k for k in ("spec", "tuned", "checkpoint") if k in entry]
-    if len(given) != 1:
-        raise TunevecError(
-            f"{at}: give exactly one of spec (base + vectors), tuned (a vector's tuned checkpoint) or checkpoint "
-            f"(a model folder); got {', '.join(given) or 'none'}. (tuned - tau is the base itself, so there is "
-            "no tuned+spec form; see docs/eval.md)"
-        )
-    name = entry.get("name")
-    if name is not None and (not isinstance(name, str) or not name.strip() or "," in name):
-        raise TunevecError(f"{at}: name must be a non-empty string without commas, got {name!r}")
-    if "spec" in entry:
-        spec = _canonical(entry["spec"], at)
-        return Variant(name=name or spec or BASE, spec=spec)
-    if "tuned" in entry:
-        from tunevec.steering.spec import VECTOR_NAME
-
-        vec = entry["tuned"]
-        if not isinstance(vec, str) or not VECTOR_NAME.fullmatch(vec):
-            raise TunevecError(f"{at}: tuned must name a vector, got {vec!r}")
-        return Variant(name=name or f"{vec}-tuned", tuned=vec)
-    path = path_of(entry["checkpoint"], f"{at}: checkpoint")
-    return Variant(name=name or path.name, checkpoint=path)
+def _variant(entry: VariantEntry, at: str, path_of: Any) -> Variant:
+    if entry.spec is not None:
+        spec = _canonical(entry.spec, at)
+        return Variant(name=entry.name or spec or BASE, spec=spec)
+    if entry.tuned is not None:
+        return Variant(name=entry.name or f"{entry.tuned}-tuned", tuned=entry.tuned)
+    path = path_of(entry.checkpoint)
+    return Variant(name=entry.name or path.name, checkpoint=path)
 
 
-def _sweep(entry: Any, at: str) -> Sweep:
-    from tunevec.steering.spec import VECTOR_NAME
-
-    if not isinstance(entry, dict):
-        raise TunevecError(f"{at} must be a mapping like {{vector: medical, alphas: [0.5, 1, 2]}}")
-    _known(entry, _SWEEP_KEYS, at)
-    if ("vector" in entry) == ("spec" in entry):
-        raise TunevecError(
-            f"{at}: give exactly one of vector (-> VECTOR:{{alpha}}) or spec (a template with {{alpha}})"
-        )
-    vector = entry.get("vector")
-    if vector is not None:
-        if not isinstance(vector, str) or not VECTOR_NAME.fullmatch(vector):
-            raise TunevecError(f"{at}: vector must be a vector name, got {vector!r}")
-        template = f"{vector}:{{alpha}}"
-    else:
-        template = entry["spec"]
-        if not isinstance(template, str) or template.count("{alpha}") != 1:
-            raise TunevecError(
-                f"{at}: spec must contain {{alpha}} exactly once, e.g. 'medical@mlp:{{alpha}}'"
-            )
-    alphas = entry.get("alphas")
-    if not isinstance(alphas, list) or not alphas:
-        raise TunevecError(f"{at}: alphas must be a non-empty list of numbers")
-    for a in alphas:
-        if isinstance(a, bool) or not isinstance(a, int | float):
-            raise TunevecError(f"{at}: alpha {a!r} is not a number")
-    if len(set(alphas)) != len(alphas):
-        raise TunevecError(f"{at}: alphas repeat a value: {alphas}")
-    name = entry.get("name", vector or template)
-    if not isinstance(name, str) or not name:
-        raise TunevecError(f"{at}: name must be a non-empty string")
-    sweep = Sweep(name=name, template=template, alphas=tuple(float(a) for a in alphas), vector=vector)
+def _sweep(entry: SweepEntry, at: str) -> Sweep:
+    name = entry.name if entry.name is not None else (entry.vector or entry.template)
+    sweep = Sweep(name=name, template=entry.template, alphas=tuple(entry.alphas), vector=entry.vector)
     for a in sweep.alphas:  # every point must parse now, not when its cell runs
         if a != 0:
             _canonical(_fill(sweep.template, a), f"{at}: alpha {a:g}")
@@ -576,49 +390,6 @@ def _duplicates(names: Any) -> str | None:
             return n
         seen.add(n)
     return None
-
-
-def _settings(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise TunevecError(f"{where} must be a mapping, got {_kind(data)}")
-    known = {f.name: f for f in fields(cls)}
-    _known(data, tuple(known), where)
-    defaults = cls()
-    values = {}
-    for key, value in data.items():
-        default = getattr(defaults, key)
-        kind = known[key].type
-        if key == "extra_args":
-            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                raise TunevecError(f"{where}: extra_args must be a list of strings")
-            value = tuple(value)
-        elif "None" in str(kind) and value is None:
-            pass
-        elif isinstance(default, bool) or "bool" in str(kind):
-            if not isinstance(value, bool):
-                raise TunevecError(f"{where}: {key} must be true or false, got {value!r}")
-        elif "int" in str(kind) and "float" not in str(kind):
-            least = 0 if key == "reserved_cpus" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise TunevecError(f"{where}: {key} must be a whole number >= {least}, got {value!r}")
-        elif "float" in str(kind):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise TunevecError(f"{where}: {key} must be a positive number, got {value!r}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise TunevecError(f"{where}: {key} must be a string, got {value!r}")
-        values[key] = value
-    if cls is ServerSettings and "adapter_energy" in values and "adapter_rank" not in values:
-        values["adapter_rank"] = None  # an energy target replaces the default rank
-    settings = cls(**values)
-    if cls is ServerSettings and (settings.adapter_rank is None) == (settings.adapter_energy is None):
-        raise TunevecError(f"{where}: set exactly one of adapter_rank / adapter_energy")
-    if cls is ServerSettings and settings.steering not in STEERING_MODES:
-        raise TunevecError(
-            f"{where}: steering must be one of {', '.join(STEERING_MODES)}, got {settings.steering!r}"
-        )
-    return settings
 
 
 def digest(obj: Any) -> str:

@@ -1,21 +1,23 @@
-"""Start and stop the servers an evaluation needs, on loopback, one at a time.
+"""Start and stop the servers an evaluation needs, on loopback, one at a time: their command lines and processes.
 
-Two kinds:
+Three kinds, each built from the grid's ``server:`` settings (``eval/schema.py``):
 
 - the *steering server*: ``tunevec serve --base B --vectors V`` -- the base and every spec variant, as LoRA
-  mixtures composed per request;
+  mixtures composed per request; ``serve_options`` turns the settings into its options;
 - a *checkpoint server*: vLLM's own OpenAI server on one model folder (a tuned checkpoint as the reference), no
-  LoRA, served under the variant's name.
+  LoRA, served under the variant's name;
+- an *injected server*: the same plain vLLM server on the base, whose weights tunevec's model loader replaces
+  with base + delta(spec) while vLLM loads them.
 
-Every server runs in its own process group with its output in a log file, and is stopped (SIGTERM to the group,
-SIGKILL after a grace period) however the block that started it ends. ``tests/servers.py`` starts its servers
-through ``start_server`` too.
+The plain vLLM servers' arguments and environment come from ``server/config.py`` (``vllm_serve_command``,
+``engine_env``), the one place that spells them. Every server runs in its own process group with its output in a
+log file, and is stopped (SIGTERM to the group, SIGKILL after a grace period) however the block that started it
+ends. ``tests/servers.py`` starts its servers through ``start_server`` too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -26,33 +28,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunevec.eval.grid import ServerSettings
+from tunevec.server.config import EngineSettings, LoraSettings, engine_env, vllm_serve_command
 
 from tunevec.core.errors import TunevecError
 
 REPO = Path(__file__).resolve().parents[1]
 # Logged by steering/vllm_patches.py in each vLLM process once the CPU LoRA prompt-logprobs fix is in effect.
 CPU_LORA_FIX_MARK = "apply_cpu_lora_logits_fix: patched"
+HOST = "127.0.0.1"
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
-def server_env(settings: ServerSettings | None = None) -> dict[str, str]:
+def server_env(settings: EngineSettings | None = None, plugins: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment of a server started here: ``engine_env``, offline (every model is a local folder)."""
     env = dict(os.environ)
-    if settings is not None and settings.reserved_cpus is not None:
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.reserved_cpus)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # tunevec's model loader acts only where VLLM_PLUGINS names it (and only for --load-format tunevec).
-    from tunevec.steering.vllm_plugin import LOADER, plugin_env
-
-    return plugin_env(LOADER, env=env)
+    return engine_env(settings or EngineSettings(), plugins, env=env)
 
 
 @dataclass
@@ -125,7 +122,7 @@ def spawn(
             cwd=REPO,
             start_new_session=True,
         )
-    return ServerProcess(proc, f"http://127.0.0.1:{port}", log, what)
+    return ServerProcess(proc, f"http://{HOST}:{port}", log, what)
 
 
 @contextlib.contextmanager
@@ -147,44 +144,55 @@ def start_server(
         server.stop()
 
 
-def steering_command(base: Path, vectors: Path, settings: ServerSettings, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "tunevec.cli", "serve", "--base", str(base), "--vectors", str(vectors),
-           "--port", str(port), "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
-           "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", str(settings.max_loras),
-           "--max-components", str(settings.max_components), "--max-abs-alpha", str(settings.max_abs_alpha)]  # fmt: skip
-    if settings.adapter_rank is not None:
-        cmd += ["--adapter-rank", str(settings.adapter_rank)]
-    else:
-        cmd += ["--adapter-energy", str(settings.adapter_energy)]
-    if settings.enforce_eager:
-        cmd.append("--enforce-eager")
-    if settings.extra_args:
-        cmd += ["--", *settings.extra_args]
-    return cmd
+# Not options of `tunevec serve`: reserved_cpus reaches it in the environment (engine_env), extra_args after `--`.
+_NOT_OPTIONS = ("reserved_cpus", "extra_args")
 
 
-def checkpoint_command(model: Path, served_name: str, settings: ServerSettings, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
-           "--enable-tokenizer-info-endpoint", "--disable-uvicorn-access-log"]  # fmt: skip
-    if settings.enforce_eager:
-        cmd.append("--enforce-eager")
-    return cmd + list(settings.extra_args)
+def serve_options(settings: EngineSettings) -> list[str]:
+    """``tunevec serve`` options that carry every engine (and, if ``settings`` has them, LoRA) setting: each field
+    is ``--field-name VALUE``, a true flag is ``--flag`` (false, like None, is serve's own default), and
+    ``extra_args`` follow ``--`` as vLLM arguments."""
+    names = [*EngineSettings.model_fields]
+    if isinstance(settings, LoraSettings):
+        names = [*LoraSettings.model_fields, *names]
+    options: list[str] = []
+    for name in names:
+        value = getattr(settings, name)
+        if name in _NOT_OPTIONS or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        options += [flag] if value is True else [flag, str(value)]
+    return options + (["--", *settings.extra_args] if settings.extra_args else [])
 
 
-def inject_command(
-    base: Path, vectors: Path, spec: str, served_name: str, settings: ServerSettings, port: int
-) -> list[str]:
-    """A plain vLLM server (no LoRA) whose weights are base + delta(spec), injected by tunevec's model loader."""
+def steering_server(
+    base: Path, vectors: Path, settings: EngineSettings, port: int
+) -> tuple[list[str], dict[str, str]]:
+    """``tunevec serve`` for the base and every spec: command line and environment."""
+    command = [sys.executable, "-m", "tunevec.cli", "serve", "--base", str(base), "--vectors", str(vectors),
+               "--host", HOST, "--port", str(port), *serve_options(settings)]  # fmt: skip
+    return command, server_env(settings)
+
+
+def checkpoint_server(
+    model: Path, served_name: str, settings: EngineSettings, port: int
+) -> tuple[list[str], dict[str, str]]:
+    """Plain vLLM on a model folder (no LoRA, no tunevec plugin): command line and environment."""
+    command = vllm_serve_command(str(model), served_name, settings, host=HOST, port=port)
+    return command, server_env(settings)
+
+
+def injected_server(
+    base: Path, vectors: Path, spec: str, served_name: str, settings: EngineSettings, port: int
+) -> tuple[list[str], dict[str, str]]:
+    """Plain vLLM (no LoRA) whose weights are base + delta(spec), injected by tunevec's model loader, which acts
+    only where ``VLLM_PLUGINS`` names it: command line and environment."""
     from tunevec.steering.library import VectorLibrary
-    from tunevec.steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
+    from tunevec.steering.vllm_plugin import LOADER
 
-    loader = {
-        SETTINGS_KEY: {"spec": spec, "vectors": VectorLibrary.from_dir(vectors).paths(), "base": str(base)}
-    }
-    cmd = checkpoint_command(base, served_name, settings, port)
-    return cmd + ["--load-format", LOAD_FORMAT, "--model-loader-extra-config", json.dumps(loader)]
+    loader = {"spec": spec, "vectors": VectorLibrary.from_dir(vectors).paths(), "base": str(base)}
+    command = vllm_serve_command(str(base), served_name, settings, host=HOST, port=port, loader_config=loader)
+    return command, server_env(settings, plugins=(LOADER,))
 
 
 def lora_prompt_logprobs_safe(server: ServerProcess) -> bool:

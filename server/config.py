@@ -56,6 +56,14 @@ class LoraSettings(_Model):
     max_dropped_share: float = Field(0.01, ge=0, le=1)
     cache_capacity: int = Field(32, ge=1)  # mixture names kept registered with vLLM
 
+    @model_validator(mode="before")
+    @classmethod
+    def _energy_replaces_default_rank(cls, data: object) -> object:
+        # `adapter_energy: 0.9` alone means "by energy", not "by energy and by the default rank 16".
+        if isinstance(data, dict) and data.get("adapter_energy") is not None and "adapter_rank" not in data:
+            return {**data, "adapter_rank": None}
+        return data
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_allowed(cls, v: int) -> int:

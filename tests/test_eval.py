@@ -11,11 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
+import tunevec.eval.plan
 import tunevec.eval.runner
+import tunevec.eval.servers
 import yaml
 from synthetic import llama_like, perturbed, write_model
 from tunevec.eval.grid import BASE, Grid, cell_key
-from tunevec.eval.runner import metrics_of, primary_metric
+from tunevec.eval.harness import metrics_of, primary_metric
 from tunevec.eval.table import build_rows, to_markdown
 
 from tunevec.cli import main
@@ -34,7 +36,7 @@ def no_servers(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("a server was started for a grid that should have been refused")
 
-    monkeypatch.setattr(tunevec.eval.runner, "spawn", tripwire)
+    monkeypatch.setattr(tunevec.eval.servers, "spawn", tripwire)
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +159,25 @@ def test_command_line_variants_tasks_and_sweeps_replace_the_grid_files(tmp_path)
             "tasks: [toy_mcq, nonexistent_task_xyz]\nvariants: [base]\ninclude_path: [TASKS]\n",
             "unknown lm-eval task",
         ),
+        (
+            "tasks: [toy_mcq]\nvariants: [base]\nserver: {enforce_eager: 1}\n",
+            "enforce_eager must be a valid boolean",
+        ),
+        ("tasks: [toy_mcq]\nvariants: [base]\nserver: {max_lora_rank: 48}\n", "one of vLLM's LoRA ranks"),
+        (
+            "tasks: [toy_mcq]\nvariants: [base]\nserver: {adapter_rank: 8, adapter_energy: 0.9}\n",
+            "exactly one of adapter_rank",
+        ),
+        (
+            "tasks: [toy_mcq]\nvariants: [base]\nlm_eval: {num_concurrent: '8'}\n",
+            "num_concurrent must be a valid integer",
+        ),
     ],
 )
 def test_malformed_grid_is_refused_with_a_clear_error_before_any_server_starts(
     synthetic_world, tmp_path, capsys, no_servers, grid, message, monkeypatch
 ):
-    monkeypatch.setattr(tunevec.eval.runner, "task_manager", _local_only_task_manager)
+    monkeypatch.setattr(tunevec.eval.plan, "task_manager", _local_only_task_manager)
     path = write_grid(tmp_path, grid.replace("TASKS", str(synthetic_world / "tasks")))
     code = main(
         ["eval", "--grid", str(path), "--base", str(synthetic_world / "models" / "base"),
@@ -204,7 +219,7 @@ def test_grid_file_paths_are_relative_to_the_file(tmp_path):
 
 
 def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_world, tmp_path, monkeypatch):
-    monkeypatch.setattr(tunevec.eval.runner, "task_manager", _local_only_task_manager)
+    monkeypatch.setattr(tunevec.eval.plan, "task_manager", _local_only_task_manager)
 
     def plan(limit):
         grid = Grid.from_dict(
@@ -212,7 +227,7 @@ def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_w
              "base": str(synthetic_world / "models" / "base"), "vectors": str(synthetic_world / "vectors"),
              "include_path": [str(synthetic_world / "tasks")]}
         )  # fmt: skip
-        return tunevec.eval.runner.prepare(grid, tmp_path)
+        return tunevec.eval.plan.prepare(grid, tmp_path)
 
     first = plan(5)
     assert [c.done for c in first.cells] == [False, False]
@@ -223,11 +238,11 @@ def test_finished_cell_is_skipped_only_while_its_config_is_unchanged(synthetic_w
     assert [c.done for c in plan(4).cells] == [False, False]  # another limit: another config
     again = plan(5)
     assert again.cells[0].config_hash == base.config_hash
-    assert len(tunevec.eval.runner.prepare(again.grid, tmp_path, fresh=True).todo) == 2
+    assert len(tunevec.eval.plan.prepare(again.grid, tmp_path, fresh=True).todo) == 2
 
 
 def test_inject_mode_gives_every_variant_its_own_server_and_lora_mode_shares_one():
-    from tunevec.eval.runner import PlannedCell, _groups
+    from tunevec.eval.plan import PlannedCell, group_cells
 
     def groups(steering):
         grid = Grid.from_dict(
@@ -235,13 +250,122 @@ def test_inject_mode_gives_every_variant_its_own_server_and_lora_mode_shares_one
              "server": {"steering": steering}}
         )  # fmt: skip
         cells = [PlannedCell(c, Path("x"), {}, "h") for c in grid.cells()]
-        return [(g, [c.variant.name for c in cs]) for g, cs in _groups(cells, grid)]
+        return [(g, [c.variant.name for c in cs]) for g, cs in group_cells(cells, grid)]
 
     assert groups("lora") == [("steering", ["medical", "base", "math"]), ("checkpoint:ref", ["ref"])]
     assert groups("inject") == [
         ("inject:medical", ["medical"]), ("inject:base", ["base"]), ("inject:math", ["math"]),
         ("checkpoint:ref", ["ref"]),
     ]  # fmt: skip
+
+
+def test_every_malformed_entry_of_a_grid_is_named_in_one_error():
+    with pytest.raises(TunevecError) as err:
+        Grid.from_dict(
+            {"tasks": ["t", {"name": "u", "limit": 1.5}], "variants": [3, {"tuned": "medical", "typo": 1}],
+             "server": {"max_model_len": 8, "steering": "merge"}, "lm_eval": {"seed": True}}
+        )  # fmt: skip
+    message = str(err.value)
+    for part in (
+        "tasks[1].limit: 1.5 is neither a fraction below 1 nor a whole number of docs",
+        "variants[0] must be a spec string or a mapping, got int",
+        "variants[1]: unknown key(s) 'typo'; known: name, spec, tuned, checkpoint",
+        "server.max_model_len must be greater than or equal to 16, got 8",
+        "server.steering must be one of lora, inject, got 'merge'",
+        "lm_eval.seed must be a valid integer, got True",
+    ):
+        assert part in message, message
+
+
+def test_server_block_takes_every_engine_and_lora_setting_and_an_energy_replaces_the_default_rank(
+    synthetic_world,
+):
+    from tunevec.server.config import EngineSettings, LoraSettings
+
+    grid = Grid.from_dict({"tasks": ["t"], "variants": ["medical+math"], "server": {"adapter_energy": 0.9}})
+    assert (grid.server.adapter_rank, grid.server.adapter_energy) == (None, 0.9)
+    assert grid.server.result_key()["adapter_energy"] == 0.9
+    assert set(EngineSettings.model_fields) | set(LoraSettings.model_fields) <= set(
+        type(grid.server).model_fields
+    )
+
+    def check(server):
+        grid = Grid.from_dict(
+            {"tasks": ["t"], "variants": ["medical+math"], "server": server,
+             "base": str(synthetic_world / "models" / "base"), "vectors": str(synthetic_world / "vectors")}
+        )  # fmt: skip
+        grid.check(task_index=None)
+
+    with pytest.raises(TunevecError, match="above server.max_lora_rank 64"):
+        check({"adapter_rank": 48})
+    check({"adapter_rank": 48, "allow_truncation": True})  # the steering server re-truncates instead
+
+
+def test_steering_server_gets_every_engine_and_lora_setting_through_tunevec_serve(
+    synthetic_world, monkeypatch
+):
+    """The steering server's command line, read back by `tunevec serve` itself, gives the grid's settings."""
+    import tunevec.server.commands
+    from tunevec.eval.launch import steering_server
+    from tunevec.eval.schema import ServerSettings
+    from tunevec.server.config import EngineSettings, LoraSettings
+
+    settings = ServerSettings(
+        dtype="bfloat16", max_model_len=256, kv_cache_gib=2, reserved_cpus=0, extra_args=["--seed", "3"],
+        adapter_energy=0.8, max_lora_rank=32, max_loras=2, allow_truncation=True, max_components=3,
+        max_abs_alpha=2.5, max_dropped_share=0.05, cache_capacity=8,
+    )  # fmt: skip
+    base, vectors = synthetic_world / "models" / "base", synthetic_world / "vectors"
+    command, env = steering_server(base, vectors, settings, port=12345)
+    seen = {}
+    monkeypatch.setattr(
+        tunevec.server.commands, "prepare", lambda config: seen.update(config=config) or (["vllm"], {})
+    )
+    monkeypatch.setattr(tunevec.server.commands.os, "execve", lambda *a: None)
+    assert command[: command.index("serve")] == [command[0], "-m", "tunevec.cli"]
+    assert main(command[command.index("serve") :]) == 0
+    config = seen["config"]
+    assert (config.base, config.vectors, config.host, config.port) == (
+        str(base),
+        str(vectors),
+        "127.0.0.1",
+        12345,
+    )
+    for name in (*EngineSettings.model_fields, *LoraSettings.model_fields):
+        if name != "reserved_cpus":  # not a serve option: it travels in the environment
+            assert getattr(config, name) == getattr(settings, name), name
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+def test_plain_and_injected_servers_are_vllm_commands_and_only_injection_loads_the_tunevec_loader(
+    synthetic_world,
+):
+    import json
+
+    from tunevec.eval.launch import checkpoint_server, injected_server
+    from tunevec.eval.schema import ServerSettings
+    from tunevec.steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
+    from tunevec.steering.vllm_plugin import LOADER
+
+    settings = ServerSettings(max_model_len=256, reserved_cpus=0, extra_args=["--seed", "3"])
+    base, vectors = synthetic_world / "models" / "base", synthetic_world / "vectors"
+    plain, plain_env = checkpoint_server(synthetic_world / "models" / "math", "math-tuned", settings, 12345)
+    injected, injected_env = injected_server(base, vectors, "medical:0.5", "medical:0.5", settings, 12345)
+    for command in (plain, injected):
+        text = " ".join(command)
+        assert "--dtype float32" in text and "--max-model-len 256" in text and "--port 12345" in text
+        assert (
+            "--enforce-eager" in command
+            and command[-2:] == ["--seed", "3"]
+            and "--enable-lora" not in command
+        )
+    assert plain[plain.index("--model") + 1] == str(synthetic_world / "models" / "math")
+    assert "--load-format" not in plain and LOADER not in plain_env.get("VLLM_PLUGINS", "").split(",")
+    assert injected[injected.index("--load-format") + 1] == LOAD_FORMAT
+    loader = json.loads(injected[injected.index("--model-loader-extra-config") + 1])[SETTINGS_KEY]
+    assert loader["spec"] == "medical:0.5" and set(loader["vectors"]) == {"medical", "math"}
+    assert LOADER in injected_env["VLLM_PLUGINS"].split(",")
+    assert plain_env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == injected_env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
 
 
 def test_bundled_grids_are_valid():
@@ -328,7 +452,7 @@ def test_grid_of_two_variants_runs_end_to_end_and_a_second_run_skips_finished_ce
     assert _scores(json.loads((out / "results.json").read_text())["results"]) == _scores(table)
 
     # Everything finished: a third run starts no server at all.
-    monkeypatch.setattr(tunevec.eval.runner, "spawn", lambda *a, **k: pytest.fail("a server was started"))
+    monkeypatch.setattr(tunevec.eval.servers, "spawn", lambda *a, **k: pytest.fail("a server was started"))
     assert run_cli(tiny_fixtures, tiny_vectors, out) == 0
     assert "2 finished, 0 to run" in capsys.readouterr().out
 

@@ -209,7 +209,7 @@ def test_write_file_atomically_replaces_a_file_and_leaves_no_temp(tmp_path, monk
 
 
 def test_eval_runner_writes_result_files_through_the_helper(tmp_path, monkeypatch):
-    from tunevec.eval.runner import _write_json
+    from tunevec.eval.harness import _write_json
 
     monkeypatch.setattr(os, "getpid", lambda: 1)
     theirs = tmp_path / ".cell.json.tmp-1"  # a concurrent writer in another container, also PID 1

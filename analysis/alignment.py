@@ -181,11 +181,28 @@ def alignment_summary(
     if tau.shape != W.shape:
         raise TunevecError(f"tau {tuple(tau.shape)} and W {tuple(W.shape)} must have the same shape")
     U_k, S_k, V_k = principal_directions(W, k, energy=energy, max_k=max_k, method=method, seed=seed)
-    w_total = sq_norm(W)
-    out: dict[str, float] = {
+    return alignment_from_directions(tau, U_k, S_k, V_k, sq_norm(W))
+
+
+def alignment_from_directions(
+    tau: torch.Tensor,
+    U_k: torch.Tensor,
+    S_k: torch.Tensor,
+    V_k: torch.Tensor,
+    w_sq_norm: float,
+    *,
+    tau_sq_norm: float | None = None,
+    keep_sigma: int | None = None,
+) -> dict[str, float | list[float]]:
+    """:func:`alignment_summary` for a W whose top-k directions are already computed, so that one SVD of W
+    serves every vector tuned from it (the report's case). ``w_sq_norm`` is ‖W‖_F², ``tau_sq_norm`` ‖τ‖_F² if
+    known; ``keep_sigma`` adds ``rel_sigma_change_top``, the first ``keep_sigma`` of Δσ_i/σ_i.
+    """
+    tau_sq = sq_norm(tau) if tau_sq_norm is None else tau_sq_norm
+    out: dict[str, float | list[float]] = {
         "k": U_k.shape[1],
-        "w_energy_at_k": float((S_k.double() ** 2).sum()) / w_total if w_total > 0 else math.nan,
-        "tau_rel_norm": math.sqrt(sq_norm(tau) / w_total) if w_total > 0 else math.nan,
+        "w_energy_at_k": float((S_k.double() ** 2).sum()) / w_sq_norm if w_sq_norm > 0 else math.nan,
+        "tau_rel_norm": math.sqrt(tau_sq / w_sq_norm) if w_sq_norm > 0 else math.nan,
     }
     out.update(subspace_share(tau, U_k, V_k))
     split = split_energy(tau, U_k, S_k, V_k)
@@ -193,4 +210,6 @@ def alignment_summary(
     out.update(split)
     out["mean_rel_sigma_change"] = float(rel.nanmean())
     out["mean_abs_rel_sigma_change"] = float(rel.abs().nanmean())
+    if keep_sigma is not None:
+        out["rel_sigma_change_top"] = [float(x) for x in rel[:keep_sigma]]
     return out

@@ -132,8 +132,9 @@ def configure_analyze(parser: argparse.ArgumentParser) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tunevec.analysis.output import write_report
     from tunevec.analysis.probe import BUILTIN_PROBE, load_probe
-    from tunevec.analysis.report import ReportOptions, build_report, write_report
+    from tunevec.analysis.report import ReportOptions, build_report
 
     if args.threads is not None:
         import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tunevec.analysis.report import LINEAR_ROLES
+from tunevec.analysis.aggregate import LINEAR_ROLES
 
 
 def _f(x, spec: str = ".3g") -> str:

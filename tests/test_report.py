@@ -251,3 +251,15 @@ def test_analyze_with_probe_reports_cka_below_one_for_a_tuned_model(tmp_path):
     assert ckas[0] == pytest.approx(1.0)  # embeddings were not tuned
     assert all(c < 0.999 for c in ckas[1:])
     assert (out / "cka.png").exists() and "## Representation change" in (out / "summary.md").read_text()
+
+
+def test_summary_and_report_do_not_import_each_other():
+    """summary.py renders a written report; it must not need the module that builds one (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tunevec.analysis.summary, tunevec.analysis.output; "
+        "assert 'tunevec.analysis.report' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -171,7 +171,7 @@ def vllm_serve_command(
     # wheel: it looks up its version under the distribution name "vllm").
     cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model,
            "--served-model-name", served_name, "--host", host, "--port", str(port),
-           "--dtype", engine.dtype, "--tensor-parallel-size", str(engine.tensor_parallel_size),
+           "--dtype", resolve_dtype(engine.dtype), "--tensor-parallel-size", str(engine.tensor_parallel_size),
            "--enable-tokenizer-info-endpoint", "--disable-uvicorn-access-log"]  # fmt: skip
     if engine.max_model_len:
         cmd += ["--max-model-len", str(engine.max_model_len)]
@@ -194,6 +194,25 @@ def vllm_serve_command(
     for name in middleware:
         cmd += ["--middleware", name]
     return cmd + list(engine.extra_args)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` means float32 on a CPU without native bfloat16 (no AVX512-BF16, no AMX); otherwise vLLM decides.
+
+    vLLM's CPU backend serves even float32 checkpoints in bfloat16 under ``auto``. Where the CPU computes bfloat16
+    by conversion, that is several times slower as well as less exact: a 256 x 576 x 3072 GEMM took 7.1x as long
+    in bfloat16 as in float32 on the 2-core AMD EPYC (AVX2) these benchmarks ran on (docs/benchmarks.md).
+    """
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return dtype
+    native = (
+        torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return dtype if native else "float32"
 
 
 def engine_env(

@@ -1,0 +1,167 @@
+"""Per-request mixtures on a real server: shared batches, no disk, bounded memory, never stale weights.
+
+Each test starts `tunevec serve` on the tiny fixtures, in fp32, over its own copy of the vectors folder (so
+re-extracting a vector here cannot disturb other tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
+from transformers import AutoTokenizer
+from tunevec.steering.lora import adapter_from_vector, compose
+from tunevec.steering.spec import Spec
+
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.extract import extract
+from tunevec.core.vector import TuningVector
+
+pytestmark = pytest.mark.slow
+RANK = 8
+TOLERANCE = 2e-3
+SAME = 1e-4  # a request's logprobs alone and in a shared batch (fp32: only summation order differs)
+MIXTURES = ["medical:0.8+math:-0.4", "medical@mlp:1.5", "math:0.7", "medical[0:1]:1+math[1:]:0.5"]
+
+
+@pytest.fixture(scope="module")
+def vectors(tiny_vectors, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vectors")
+    for name in ("medical", "math"):
+        shutil.copytree(tiny_vectors / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_fixtures, vectors, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    args = ("--adapter-rank", str(RANK), "--max-lora-rank", "16", "--max-loras", "4", "--max-abs-alpha", "4")
+    with running_server(tiny_fixtures / "base", vectors, *args, log=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_fixtures) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(tiny_fixtures / "base")
+    texts = [
+        "The diagnosis typhoid meningitis is coded",
+        "Question: What is 12 + 7?\nAnswer:",
+        "The brand name",
+    ]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_mixtures_and_the_base_in_one_batch_each_answer_as_alone(server, prompts):
+    models = ["base", *MIXTURES]
+    alone = {(m, i): served_prompt_logprobs(server, m, p) for m in models for i, p in enumerate(prompts)}
+
+    async def together():
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def one(model, ids):
+                body = {
+                    "model": model,
+                    "prompt": ids,
+                    "max_tokens": 6,
+                    "temperature": 0,
+                    "echo": True,
+                    "logprobs": 1,
+                }
+                r = await client.post(server + "/v1/completions", json=body)
+                r.raise_for_status()
+                return r.json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
+
+            jobs = [(m, i) for _ in range(3) for m in models for i in range(len(prompts))]
+            results = await asyncio.gather(*(one(m, prompts[i]) for m, i in jobs))
+            return list(zip(jobs, results, strict=True))
+
+    worst = 0.0
+    for key, got in asyncio.run(together()):
+        diff = max(abs(a - b) for a, b in zip(got, alone[key], strict=True))
+        worst = max(worst, diff)
+        assert diff < SAME, f"{key}: batched with other mixtures, its prompt logprobs moved by {diff}"
+    print(f"shared batches: max |logprob diff| against each request alone = {worst:.2e}")
+
+
+def server_group_rss_kib(url: str) -> int:
+    """RSS of every process in the server's process group (API server, engine core, worker)."""
+    port = url.rsplit(":", 1)[1]
+    pgids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"--port {port}" in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace"
+            ):
+                pgids.add(os.getpgid(int(proc.name)))
+        except (OSError, ProcessLookupError):
+            continue
+    total = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(proc.name)) not in pgids:
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ProcessLookupError):
+            continue
+    return total
+
+
+def files_under(path: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+
+
+def test_fifty_distinct_mixtures_write_nothing_and_keep_memory_flat(server, vectors, prompts):
+    for k in range(8):  # warm: slots filled, allocator settled
+        assert len(served_prompt_logprobs(server, f"medical:{0.05 * (k + 1):.2f}", prompts[0])) > 0
+    disk0, rss0 = files_under(vectors), server_group_rss_kib(server)
+    for k in range(50):
+        served_prompt_logprobs(server, f"medical:{1 + 0.01 * k:.2f}+math:{-0.5 + 0.01 * k:.2f}", prompts[1])
+    disk1, rss1 = files_under(vectors), server_group_rss_kib(server)
+    print(f"50 distinct mixtures: RSS {rss0 / 1024:.0f} -> {rss1 / 1024:.0f} MiB ({(rss1 / rss0 - 1):+.2%})")
+    assert disk1 == disk0, "a mixture wrote to disk"
+    assert rss1 <= 1.05 * rss0
+
+
+def low_rank_state(base_dir: Path, vectors_dir: Path, spec_text: str) -> dict:
+    spec = Spec.parse(spec_text)
+    adapters = {
+        v: adapter_from_vector(TuningVector(vectors_dir / v), rank=RANK, max_rank=16) for v in spec.vectors
+    }
+    mixture = compose(spec, adapters, max_rank=16)
+    base = Checkpoint(base_dir)
+    return {n: base.read(n) + mixture.delta(n) for n in mixture.factors if n in base.tensors}
+
+
+def test_a_vector_re_extracted_under_its_name_is_served_with_its_new_weights(
+    tiny_fixtures, tmp_path, prompts
+):
+    vectors = tmp_path / "vectors"
+    extract(tiny_fixtures / "base", tiny_fixtures / "medical", vectors / "medical", progress=False)
+    extract(tiny_fixtures / "base", tiny_fixtures / "math", vectors / "math", progress=False)
+    args = ("--adapter-rank", str(RANK), "--max-lora-rank", "16")
+    spec, ids = "medical:0.5", prompts[0]
+    with running_server(tiny_fixtures / "base", vectors, *args, log=tmp_path / "a.log") as url:
+        before = served_prompt_logprobs(url, spec, ids)
+    # "medical" now holds what was the math fine-tune; the factor cache beside it still has the old factors.
+    extract(
+        tiny_fixtures / "base",
+        tiny_fixtures / "math",
+        vectors / "medical",
+        name="medical",
+        force=True,
+        progress=False,
+    )
+    with running_server(tiny_fixtures / "base", vectors, *args, log=tmp_path / "b.log") as url:
+        after = served_prompt_logprobs(url, spec, ids)
+    want = reference_prompt_logprobs(
+        tiny_fixtures / "base", low_rank_state(tiny_fixtures / "base", vectors, spec), ids
+    )
+    assert max(abs(a - b) for a, b in zip(after, want, strict=True)) < TOLERANCE
+    assert max(abs(a - b) for a, b in zip(after, before, strict=True)) > 0.05

@@ -24,16 +24,20 @@ from pathlib import Path
 
 from _common import (
     add_model_args,
-    gen_body,
-    group_cpu_seconds,
     header,
     loadavg,
-    loglik_body,
-    random_prompts,
     resolve_model,
-    run_load,
     vocab_size,
     workdir_for,
+)
+from _load import (
+    gen_body,
+    loglik_body,
+    random_prompts,
+    run_load,
+)
+from _servers import (
+    group_cpu_seconds,
 )
 from tunevec.eval.launch import checkpoint_server, free_port, injected_server, spawn
 from tunevec.server.config import EngineSettings

@@ -40,24 +40,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    Result,
-    ServerSpec,
     add_model_args,
-    gen_body,
-    group_cpu_seconds,
     header,
     loadavg,
-    loglik_body,
     num_layers,
     percentile,
-    random_prompts,
-    remove_caches,
     resolve_model,
-    run_load,
-    running_servers,
     table,
     vocab_size,
     workdir_for,
+)
+from _load import (  # noqa: E402
+    Result,
+    gen_body,
+    loglik_body,
+    random_prompts,
+    run_load,
+)
+from _servers import (  # noqa: E402
+    ServerSpec,
+    group_cpu_seconds,
+    remove_caches,
+    running_servers,
 )
 
 ONE = "medical:0.8+math:0.4"

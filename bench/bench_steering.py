@@ -42,24 +42,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    ServerSpec,
     add_model_args,
-    cache_dir,
-    gen_body,
-    group_cpu_seconds,
     header,
     loadavg,
     median,
     num_layers,
-    random_prompts,
-    remove_caches,
-    request_once,
     resolve_model,
-    run_load,
-    running_servers,
     table,
     vocab_size,
     workdir_for,
+)
+from _load import (  # noqa: E402
+    gen_body,
+    random_prompts,
+    request_once,
+    run_load,
+)
+from _servers import (  # noqa: E402
+    ServerSpec,
+    cache_dir,
+    group_cpu_seconds,
+    remove_caches,
+    running_servers,
 )
 
 MIX = "medical:0.8+math:0.4"

@@ -192,7 +192,7 @@ class Grid:
     def check(self, *, external_server: bool = False, task_index: Any = None) -> None:
         """Check paths, vectors, ranks and task names; raises TunevecError before anything is started.
 
-        ``task_index`` maps task names to lm-eval index entries (``eval.runner.task_index``); None skips the
+        ``task_index`` maps task names to lm-eval index entries (``eval.tasks.task_manager``); None skips the
         task check (unit tests of the grid shape).
         """
         from tunevec.steering.library import VectorLibrary
@@ -209,7 +209,7 @@ class Grid:
         on_steering = any(v.kind != "checkpoint" for v in self.variants)
         specs = any(v.kind == "spec" for v in self.variants)
         tuned = any(v.tuned for v in self.variants)
-        # A running server checks specs against its own vectors (eval.runner.check_remote); local vectors are
+        # A running server checks specs against its own vectors (eval.plan.check_remote); local vectors are
         # needed for servers started here and to find the checkpoints of `tuned:` variants.
         needs_vectors = tuned or (specs and (not external_server or self.vectors is not None))
         if ((on_steering and not external_server) or needs_vectors) and self.base is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunevec.core.errors import TunevecError
@@ -43,10 +44,19 @@ def lora_registry(serving_models: Any) -> dict:
 class ServedMixtures:
     """Registers mixtures with the engine on first use and keeps vLLM's model registry bounded."""
 
-    def __init__(self, serving_models: Any, engine_client: Any, capacity: int):
+    def __init__(
+        self,
+        serving_models: Any,
+        engine_client: Any,
+        capacity: int,
+        repair: Callable[[Any], Awaitable[bool]] | None = None,
+    ):
         self._names = lora_registry(serving_models)
         self._engine = engine_client
         self.capacity = capacity
+        # Called when the engine refuses a mixture: rebuilds what on-disk state it can (a factor folder deleted or
+        # damaged since start-up) and says whether retrying may help. No file state may wedge a spec.
+        self._repair = repair
         self._lock = asyncio.Lock()
         self._registered: OrderedDict[str, Any] = OrderedDict()  # served name -> Mixture, LRU order
         self._in_flight: dict[str, int] = {}
@@ -56,16 +66,31 @@ class ServedMixtures:
         name = mixture.name
         async with self._lock:
             if name not in self._registered:
-                try:
-                    await self._engine.add_lora(mixture.request)
-                except Exception as exc:
-                    logger.exception("tunevec: the engine could not load mixture %s", name)
-                    raise EngineLoadError(f"the engine could not load mixture {name!r}: {exc}") from exc
+                await self._load(mixture)
                 self._names[name] = mixture.request
                 self._registered[name] = mixture
+                bound_lora_metric_labels(2 * self.capacity)
             self._registered.move_to_end(name)
             self._in_flight[name] = self._in_flight.get(name, 0) + 1
             self._evict()
+
+    async def _load(self, mixture: Any) -> None:
+        try:
+            await self._engine.add_lora(mixture.request)
+            return
+        except Exception as exc:
+            first = exc
+        if self._repair is not None and await self._repair(mixture):
+            try:
+                await self._engine.add_lora(mixture.request)
+                logger.warning(
+                    "tunevec: mixture %s loaded after its factor folders were rebuilt", mixture.name
+                )
+                return
+            except Exception as exc:
+                first = exc
+        logger.error("tunevec: the engine could not load mixture %s: %s", mixture.name, first)
+        raise EngineLoadError(f"the engine could not load mixture {mixture.name!r}: {first}") from first
 
     def release(self, mixture: Any) -> None:
         left = self._in_flight.get(mixture.name, 0) - 1
@@ -87,3 +112,20 @@ class ServedMixtures:
 
     def registered(self) -> list[str]:
         return list(self._registered)
+
+
+def bound_lora_metric_labels(limit: int) -> None:
+    """Keep vLLM's ``vllm:lora_requests_info`` gauge from growing with every mixture name ever served.
+
+    vLLM labels that gauge with the running and waiting adapters' names, one label set per combination, and the
+    Prometheus client keeps every label set forever: with per-request mixtures that is unbounded. Past ``limit``
+    sets the gauge is cleared; vLLM sets the current one again at its next step (it only records the time).
+    """
+    try:
+        from prometheus_client import REGISTRY
+
+        gauge = REGISTRY._names_to_collectors.get("vllm:lora_requests_info")
+        if gauge is not None and len(getattr(gauge, "_metrics", ())) > limit:
+            gauge.clear()
+    except Exception:  # metrics are best effort; serving must not depend on the client's internals
+        logger.debug("tunevec: could not bound the LoRA metric labels", exc_info=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tunevec.server.config import LoraSettings
 from tunevec.steering.library import VectorLibrary
-from tunevec.steering.lora import factor_cache, read_meta
+from tunevec.steering.lora import LoraAdapter, factor_cache, read_meta
 from tunevec.steering.spec import Component, Spec, format_number
 from tunevec.steering.vllm_lora import mixture_path
 from vllm.lora.request import LoRARequest
@@ -55,6 +55,13 @@ class VectorFactors:
 
     def announcement(self) -> dict[str, str]:
         return {"path": self.path, "digest": self.digest}
+
+    def intact(self) -> bool:
+        """Whether the factor folder on disk still holds these factors, readable and of this content."""
+        try:
+            return LoraAdapter.load(self.path).meta.get("content_digest") == self.digest
+        except TunevecError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,19 @@ class _Ids:
 class MixtureRegistry:
     """Parses, checks and names mixtures of the server's vectors. Holds no weights."""
 
-    def __init__(self, settings: LoraSettings, vectors: dict[str, VectorFactors], num_layers: int | None):
+    def __init__(
+        self,
+        settings: LoraSettings,
+        vectors: dict[str, VectorFactors],
+        num_layers: int | None,
+        library: VectorLibrary | None = None,
+        cache_dir: str = "",
+    ):
         self.settings = settings
         self.vectors = vectors
         self.num_layers = num_layers
+        self.library = library
+        self.cache_dir = cache_dir
         self._ids = _Ids()
         self._settings_key = f"{settings.factorise_kwargs()}".encode()
 
@@ -111,7 +127,23 @@ class MixtureRegistry:
     def prepare(cls, library: VectorLibrary, cache_dir: str, settings: LoraSettings, num_layers: int | None):
         """Factorise every vector of ``library`` (cached) and make the registry over them."""
         vectors = {n: VectorFactors.prepare(library[n], cache_dir, settings) for n in library.names()}
-        return cls(settings, vectors, num_layers)
+        return cls(settings, vectors, num_layers, library, cache_dir)
+
+    def repair(self, names: tuple[str, ...]) -> bool:
+        """Rebuild the factor folders of ``names`` that were deleted or damaged since start-up; True if any was.
+
+        The folder path and content are fixed by the vector's digest and the settings, so the workers read the
+        rebuilt folder exactly where they were told to. A vector artifact itself damaged since start-up cannot be
+        refactorised: its ``TunevecError`` propagates.
+        """
+        rebuilt = False
+        for name in names:
+            factors = self.vectors[name]
+            if not factors.intact():
+                vec = self.library[name]
+                factor_cache(vec, self.cache_dir, **self.settings.factorise_kwargs())
+                rebuilt = True
+        return rebuilt
 
     def parse(self, text_or_json: str | dict) -> Spec:
         """Parse a request's spec and check it against the server; raises TunevecError naming the problem."""

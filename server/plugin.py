@@ -7,6 +7,7 @@ steering state the middleware reads, from the validated settings ``tunevec serve
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from argparse import Namespace
 from typing import Any
@@ -41,7 +42,11 @@ class TunevecEndpoints:
         library = VectorLibrary.from_dir(config.vectors, base)
         # `tunevec serve` factorised every vector before the engine started: this only reads their metadata.
         registry = MixtureRegistry.prepare(library, config.cache_dir, config, base.num_layers)
-        served = ServedMixtures(state.openai_serving_models, engine_client, config.cache_capacity)
+
+        async def repair(mixture) -> bool:  # noqa: ANN001
+            return await asyncio.to_thread(registry.repair, mixture.spec.vectors)
+
+        served = ServedMixtures(state.openai_serving_models, engine_client, config.cache_capacity, repair)
         state.tunevec_config = config
         state.tunevec_library = library
         state.tunevec_router = SteeringRouter(config.served_model_name, config.variants, registry, served)

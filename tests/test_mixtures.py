@@ -162,3 +162,51 @@ def test_an_engine_refusal_is_reported_and_nothing_is_registered(registry_factor
     with pytest.raises(EngineLoadError, match="could not load mixture 'medical:0.5': no such module"):
         asyncio.run(served.acquire(mixture))
     assert models.lora_requests == {}
+
+
+class FlakyEngine(FakeEngine):
+    """Refuses while a vector's factor folder is broken, as a worker reading it would."""
+
+    def __init__(self, registry):
+        super().__init__()
+        self.registry = registry
+
+    async def add_lora(self, request):
+        if not all(f.intact() for f in self.registry.vectors.values()):
+            raise ValueError("factor cache unreadable")
+        await super().add_lora(request)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_factor_folder_broken_after_start_is_rebuilt_and_the_request_served(registry_factory, damage):
+    import shutil
+
+    reg = registry_factory()
+    folder = Path(reg.vectors["medical"].path)
+    if damage == "delete":
+        shutil.rmtree(folder)
+    else:
+        data = folder / "adapter_model.safetensors"
+        data.write_bytes(data.read_bytes()[:100])
+    models = FakeModels()
+
+    async def repair(mixture):
+        return await asyncio.to_thread(reg.repair, mixture.spec.vectors)
+
+    served = ServedMixtures(models, FlakyEngine(reg), capacity=2, repair=repair)
+    mixture = reg.mixture(reg.parse("medical:0.5"))
+    asyncio.run(served.acquire(mixture))  # no error: rebuilt, then loaded
+    assert reg.vectors["medical"].intact() and mixture.name in models.lora_requests
+
+
+def test_the_lora_metric_keeps_a_bounded_number_of_label_sets():
+    from prometheus_client import REGISTRY, Gauge
+    from tunevec.server.engine_models import bound_lora_metric_labels
+
+    gauge = REGISTRY._names_to_collectors.get("vllm:lora_requests_info") or Gauge(
+        "vllm:lora_requests_info", "test stand-in", labelnames=["running_lora_adapters"]
+    )
+    for i in range(40):
+        gauge.labels(f"mixture-{i}").set_to_current_time()
+    bound_lora_metric_labels(16)
+    assert len(gauge._metrics) <= 16

@@ -141,7 +141,7 @@ class MixtureRegistry:
             factors = self.vectors[name]
             if not factors.intact():
                 vec = self.library[name]
-                factor_cache(vec, self.cache_dir, **self.settings.factorise_kwargs())
+                factor_cache(vec, self.cache_dir, **self.settings.factorise_kwargs(), rebuild=True)
                 rebuilt = True
         return rebuilt
 

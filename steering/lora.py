@@ -229,8 +229,10 @@ def factor_cache(
     rank: int | None,
     energy: float | None,
     max_rank: int,
+    rebuild: bool = False,
 ) -> Path:
-    """The folder holding ``vector``'s factors at these settings, factorised now if it is not there yet.
+    """The folder holding ``vector``'s factors at these settings, factorised now if it is not there yet (or if
+    ``rebuild``: a folder found damaged is written again).
 
     Named by the vector's name, content digest and settings, so a re-extracted vector, or other settings, get a
     folder of their own and stale factors are never read.
@@ -239,7 +241,7 @@ def factor_cache(
     digest = vector.content_digest
     path = Path(cache_dir) / "vectors" / f"{vector.name}-{digest[:16]}-{how}-m{max_rank}-v{FACTORS_VERSION}"
     meta_file = path / ADAPTER_META
-    if meta_file.exists():
+    if meta_file.exists() and not rebuild:
         try:
             if json.loads(meta_file.read_text()).get("content_digest") == digest:
                 return path

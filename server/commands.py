@@ -15,6 +15,7 @@ import os
 from tunevec.server.config import CONFIG_ENV, ServerConfig
 
 SERVER_PLUGIN = "tunevec_server"
+WORKER_EXTENSION = "tunevec.steering.vllm_lora.TunevecWorkerExtension"
 MIDDLEWARE = ("tunevec.server.middleware.SteeringMiddleware", "tunevec.server.middleware.ApiKeyMiddleware")
 
 
@@ -114,6 +115,7 @@ def prepare(config: ServerConfig) -> tuple[list[str], dict[str, str]]:
         target_modules=targets,
         loader_config=loader,
         middleware=MIDDLEWARE,
+        worker_extension=WORKER_EXTENSION,
     )
     env = engine_env(config, plugins=(LORA, SERVER_PLUGIN) + ((LOADER,) if loader else ()))
     env[CONFIG_ENV] = config.to_env()

@@ -160,6 +160,7 @@ def vllm_serve_command(
     target_modules: list[str] | None = None,
     loader_config: dict | None = None,
     middleware: tuple[str, ...] = (),
+    worker_extension: str | None = None,
 ) -> list[str]:
     """The ``vllm serve`` command line for one server: the only place tunevec spells vLLM's arguments.
 
@@ -193,6 +194,8 @@ def vllm_serve_command(
         ]
     for name in middleware:
         cmd += ["--middleware", name]
+    if worker_extension:
+        cmd += ["--worker-extension-cls", worker_extension]
     return cmd + list(engine.extra_args)
 
 

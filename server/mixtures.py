@@ -56,6 +56,19 @@ class VectorFactors:
     def announcement(self) -> dict[str, str]:
         return {"path": self.path, "digest": self.digest}
 
+    def restricted_to(self, carried: set[str]) -> VectorFactors:
+        """These factors as the engine serves them: modules outside ``carried`` count as left out (kind ``module``)."""
+        lost = [n for n in self.module_ranks if n not in carried]
+        if not lost:
+            return self
+        energy = {n: (e, ok and n not in lost) for n, (e, ok) in self.energy.items()}
+        total = sum(e for e, _ in energy.values())
+        dropped = dict(self.dropped)
+        lost_energy = sum(self.energy[n][0] for n in lost if n in self.energy)
+        dropped["module"] = dropped.get("module", 0.0) + (lost_energy / total if total else 0.0)
+        ranks = {n: r for n, r in self.module_ranks.items() if n not in lost}
+        return VectorFactors(self.name, self.digest, self.path, ranks, energy, dropped)
+
     def intact(self) -> bool:
         """Whether the factor folder on disk still holds these factors, readable and of this content."""
         try:
@@ -128,6 +141,13 @@ class MixtureRegistry:
         """Factorise every vector of ``library`` (cached) and make the registry over them."""
         vectors = {n: VectorFactors.prepare(library[n], cache_dir, settings) for n in library.names()}
         return cls(settings, vectors, num_layers, library, cache_dir)
+
+    def restrict_to_engine(self, carried: set[str]) -> None:
+        """Count as left out every factorised module the engine's LoRA layers do not receive (vLLM would drop it)."""
+        self.vectors = {n: f.restricted_to(carried) for n, f in self.vectors.items()}
+
+    def factor_modules(self) -> list[str]:
+        return sorted({m for f in self.vectors.values() for m in f.module_ranks})
 
     def repair(self, names: tuple[str, ...]) -> bool:
         """Rebuild the factor folders of ``names`` that were deleted or damaged since start-up; True if any was.

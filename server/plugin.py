@@ -42,6 +42,14 @@ class TunevecEndpoints:
         library = VectorLibrary.from_dir(config.vectors, base)
         # `tunevec serve` factorised every vector before the engine started: this only reads their metadata.
         registry = MixtureRegistry.prepare(library, config.cache_dir, config, base.num_layers)
+        # Which modules vLLM's LoRA layers really receive, asked of every worker (tensor-parallel ranks agree).
+        answers = await engine_client.collective_rpc("tunevec_carried", args=(registry.factor_modules(),))
+        registry.restrict_to_engine(set.intersection(*(set(a) for a in answers)))
+        for name, text in config.variants.items():
+            try:
+                registry.mixture(registry.parse(text))
+            except TunevecError as exc:
+                raise TunevecError(f"variant {name!r}: {exc}") from None
 
         async def repair(mixture) -> bool:  # noqa: ANN001
             return await asyncio.to_thread(registry.repair, mixture.spec.vectors)

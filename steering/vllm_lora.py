@@ -117,6 +117,37 @@ def compose_lora_model(manager: Any, lora_request: Any) -> Any:
     return lora
 
 
+class TunevecWorkerExtension:
+    """Mixed into vLLM's worker (``--worker-extension-cls``), reached through ``engine_client.collective_rpc``."""
+
+    def tunevec_carried(self, tensor_names: list[str]) -> list[str]:
+        """The checkpoint tensors whose deltas this engine's LoRA modules receive.
+
+        Decided the way vLLM's loader decides it: a tensor's PEFT name is parsed with the model's weight mapper
+        into a module name, which must be a LoRA-wrapped module, or a packed part of one (q_proj of qkv_proj).
+        Anything else would be dropped without a word by vLLM, so the server reports and checks it instead.
+        """
+        import torch
+        from tunevec.steering.lora import peft_tensors
+        from vllm.lora.utils import parse_fine_tuned_lora_name
+
+        manager = self.model_runner.lora_manager._adapter_manager
+        mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+        mapper = None if mapper is None else mapper.get_rename_mapper()
+        wrapped = set(manager.modules)
+        for parent, parts in manager.packed_modules.items():
+            if parent in wrapped:
+                wrapped.update(parts)
+        dummy = torch.zeros(1, 1)
+        out = []
+        for name in tensor_names:
+            keys = peft_tensors({name: (dummy, dummy)})
+            module, _ = parse_fine_tuned_lora_name(next(iter(keys)), mapper)
+            if module in wrapped:
+                out.append(name)
+        return out
+
+
 def install() -> bool:
     """Route mixtures through in-memory composition and, on CPU, the grouped op. Idempotent; False if skipped."""
     import vllm

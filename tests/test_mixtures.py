@@ -210,3 +210,15 @@ def test_the_lora_metric_keeps_a_bounded_number_of_label_sets():
         gauge.labels(f"mixture-{i}").set_to_current_time()
     bound_lora_metric_labels(16)
     assert len(gauge._metrics) <= 16
+
+
+def test_modules_the_engine_does_not_adapt_count_as_left_out(registry_factory):
+    """vLLM would drop an adapter module it has no LoRA layer for, without a word; the server counts it instead."""
+    reg = registry_factory(max_dropped_share=0.01)
+    reg.mixture(reg.parse("medical@mlp"))
+    mlp = {m for m in reg.factor_modules() if ".mlp." in m}
+    reg.restrict_to_engine(mlp)  # as if only the MLP projections were LoRA-wrapped
+    assert reg.vectors["medical"].dropped["module"] > 0.3
+    reg.mixture(reg.parse("medical@mlp"))  # still whole
+    with pytest.raises(TunevecError, match=r"medical.*has no LoRA slot \(module, norm\).*max_dropped_share"):
+        reg.mixture(reg.parse("medical"))

@@ -527,3 +527,42 @@ def test_choice_stats_read_gold_and_wrong_answer_log_likelihoods_from_the_sample
     assert "| `alpha` | 2 | -0.75 (+1.25) |" in to_markdown([base, alpha])
     with pytest.raises(TunevecError, match="no finished cell of task 'other'"):
         choice_stats(tmp_path, "other")
+
+
+def test_paper_grid_passes_a_dry_run_offline(synthetic_world, tmp_path, no_servers, capsys):
+    """eval/grids/paper.yaml (7B models from the hub, run on a GPU) is checked here without its models: a dry run
+    with stand-in --base and --vectors validates its tasks (lm-eval's own index, no dataset is downloaded), its
+    variants and sweeps against the vectors, and its server settings, and plans every cell."""
+    grid = REPO / "eval" / "grids" / "paper.yaml"
+    base, vectors = synthetic_world / "models" / "base", synthetic_world / "vectors"
+    args = [
+        "eval",
+        "--grid",
+        str(grid),
+        "--base",
+        str(base),
+        "--vectors",
+        str(vectors),
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*args, "--dry-run"]) == 0
+    planned = [line for line in capsys.readouterr().out.splitlines() if line.endswith(": to run")]
+    loaded = Grid.load(grid)
+    tasks = {"medqa_4options", "medmcqa", "pubmedqa", "mmlu_clinical_knowledge", "gsm8k"}
+    assert tasks <= {t.name for t in loaded.tasks}
+    assert len(planned) == len(loaded.variants) * len(loaded.tasks) >= 10 * len(tasks)
+    assert any(line.startswith("[tunevec eval] medical-tuned (tuned checkpoint of medical)") for line in planned)
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_under_lora_steering_a_nonlinear_spec_gets_an_injected_server_of_its_own():
+    from tunevec.eval.grid import Variant
+    from tunevec.eval.plan import server_group
+
+    class G:
+        class server:  # noqa: N801
+            steering = "lora"
+
+    assert server_group(Variant("m", spec="medical:0.5"), G) == "steering"
+    assert server_group(Variant("t", spec="ties(density=0.5)/math+medical"), G) == "inject:t"

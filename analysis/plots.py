@@ -5,6 +5,8 @@ alignment.png      per layer, MLP vs attention: new-direction share and amplific
 size.png           relative change ‖τ‖/‖W‖ per layer, MLP vs attention
 cka.png            representation change per layer: CKA, mean principal angle, dimensions of the change
 cross_domain.png   cosine between vectors (matrix) and per layer for MLP vs attention
+attribution.png    attribution patching (analysis/attribution.py): recovered gain vs k, top-k vs random-k, and
+                   the per-component estimate next to the measured effect of removing the component
 """
 
 from __future__ import annotations
@@ -251,6 +253,77 @@ def plot_cross_domain(report: dict, path: Path) -> Path:
         axes[1].legend(fontsize=8)
     else:
         axes[1].text(0.5, 0.5, "one vector: no pairs", ha="center", transform=axes[1].transAxes)
+    return _save(fig, path)
+
+
+def plot_attribution(result: dict, path: Path) -> Path:
+    """Per vector: recovered share of the gain against k (top-k by the estimate, the estimate's own prediction,
+    random-k mean with its min-max band) and, per layer, the estimate next to the measured removal effect."""
+    vecs = list(result["vectors"].items())
+    fig, axes = plt.subplots(len(vecs), 2, figsize=(11, 4.0 * len(vecs)), squeeze=False)
+    for (name, vec), (left, right) in zip(vecs, axes, strict=True):
+        curve = vec["curve"]
+        ks = [row["k"] for row in curve]
+        rnd = [row["random"] for row in curve]
+        left.fill_between(
+            ks, [_num(r["min"]) for r in rnd], [_num(r["max"]) for r in rnd], color="gray", alpha=0.25, lw=0
+        )
+        left.plot(
+            ks,
+            [_num(r["mean"]) for r in rnd],
+            color="gray",
+            marker=".",
+            label=f"random k ({len(vec['seeds'])} seeds, min-max)",
+        )
+        left.plot(
+            ks,
+            [_num(row["recovered"]) for row in curve],
+            color="black",
+            marker="o",
+            label="top-k by estimate",
+        )
+        left.plot(
+            ks,
+            [_num(row["predicted"]) for row in curve],
+            color="tab:green",
+            ls=":",
+            label="estimate's prediction",
+        )
+        left.axhline(1.0, color="black", lw=0.6, alpha=0.5)
+        left.axhline(0.0, color="black", lw=0.6, alpha=0.5)
+        left.set_xlabel("k (components given τ)")
+        left.set_ylabel("share of the tuned model's loss gain recovered")
+        left.xaxis.set_major_locator(MaxNLocator(integer=True))
+        left.grid(alpha=0.3)
+        left.set_title(f"{name}: patching τ into the top-k components")
+        left.legend(fontsize=8)
+        width = 0.38
+        for i, block in enumerate(("attention", "mlp")):
+            rows = [c for c in vec["components"] if c["block"] == block]
+            xs = [c["layer"] + (i - 0.5) * width for c in rows]
+            color = ROLE_STYLE[block]["color"]
+            right.bar(
+                xs,
+                [c["estimate"]["mean"] for c in rows],
+                width=width,
+                color=color,
+                alpha=0.6,
+                label=f"{block}: estimate",
+            )
+            right.scatter(
+                xs,
+                [c["removed_from_tuned_gain"] for c in rows],
+                color=color,
+                edgecolor="black",
+                zorder=3,
+                s=22,
+                label=f"{block}: measured (removed from tuned)",
+            )
+        right.axhline(0.0, color="black", lw=0.6)
+        right.set_ylabel("loss gain carried (nats/token)")
+        right.set_title(f"{name}: per component")
+        _layer_axis(right)
+        right.legend(fontsize=8)
     return _save(fig, path)
 
 

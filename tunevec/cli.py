@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tunevec.analysis.commands:configure_analyze",
         "analyse tuning vectors: size, rank, alignment, CKA, similarity",
     ),
+    "attribute": (
+        "tunevec.analysis.attribution:configure",
+        "attribution patching: which layers' blocks carry tau's gain",
+    ),
     "merge": ("tunevec.steering.commands:configure_merge", "write base + spec as a plain HF checkpoint"),
     "lora": (
         "tunevec.steering.commands:configure_lora",

@@ -272,8 +272,8 @@ class Grid:
 
     def _check_rank(self, v: Variant, spec: Any, where: str) -> None:
         """Each distinct vector adds adapter_rank to a module's LoRA rank; refuse a mixture the server would."""
-        if self.server.adapter_rank is None or self.server.steering != "lora":
-            return
+        if self.server.adapter_rank is None or self.server.steering != "lora" or spec.method != "linear":
+            return  # a non-linear spec is injected on a server of its own (eval/plan.py server_group)
         stacked = len(set(spec.vectors)) * self.server.adapter_rank
         if stacked > self.server.max_lora_rank and not self.server.allow_truncation:
             raise TunevecError(

@@ -167,12 +167,22 @@ def _cell_config(cell: Cell, grid: Grid, shared: dict, task_entry: Any) -> dict[
 
 
 def server_group(v: Variant, grid: Grid) -> str:
-    """``steering`` (shared steering server), ``inject:<name>`` or ``checkpoint:<name>`` (a server of its own)."""
+    """``steering`` (shared steering server), ``inject:<name>`` or ``checkpoint:<name>`` (a server of its own).
+
+    Under ``steering: lora`` a spec that no per-request mixture can serve exactly (TIES, DARE: not linear in the
+    factors) gets an injected server of its own, as `tunevec serve --inject` would.
+    """
     if v.kind == "checkpoint":
         return f"checkpoint:{v.name}"
-    if grid.server.steering == "inject":
+    if grid.server.steering == "inject" or (v.spec is not None and _nonlinear(v.spec)):
         return f"inject:{v.name}"
     return "steering"
+
+
+def _nonlinear(spec: str) -> bool:
+    from tunevec.steering.spec import Spec
+
+    return Spec.parse(spec).method != "linear"
 
 
 def group_cells(todo: list[PlannedCell], grid: Grid) -> list[tuple[str, list[PlannedCell]]]:

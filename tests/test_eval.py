@@ -552,7 +552,9 @@ def test_paper_grid_passes_a_dry_run_offline(synthetic_world, tmp_path, no_serve
     tasks = {"medqa_4options", "medmcqa", "pubmedqa", "mmlu_clinical_knowledge", "gsm8k"}
     assert tasks <= {t.name for t in loaded.tasks}
     assert len(planned) == len(loaded.variants) * len(loaded.tasks) >= 10 * len(tasks)
-    assert any(line.startswith("[tunevec eval] medical-tuned (tuned checkpoint of medical)") for line in planned)
+    assert any(
+        line.startswith("[tunevec eval] medical-tuned (tuned checkpoint of medical)") for line in planned
+    )
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tunevec.server.config import LoraSettings
@@ -96,6 +97,19 @@ def served_name(spec: Spec) -> str:
     return text if any(c in text for c in ":@[+/") else f"{text}:1"
 
 
+def adapter_id(name: str, digests: Iterable[tuple[str, str]], settings: LoraSettings) -> int:
+    """vLLM's ``lora_int_id`` for a mixture: 31 bits of a sha256 over its served name, each vector's name and
+    content digest, and the factorisation settings (an id always means the same weights).
+
+    Public so that a test can search for two specs whose ids collide (tests/test_hardening.py).
+    """
+    h = hashlib.sha256(name.encode())
+    for vector, digest in digests:
+        h.update(b"\0" + vector.encode() + b"\0" + digest.encode())
+    h.update(b"\0" + f"{settings.factorise_kwargs()}".encode())
+    return int.from_bytes(h.digest()[:8], "big") % (2**31 - 1) + 1
+
+
 @dataclass
 class _Ids:
     """Recently issued adapter ids and the mixture each stands for, to refuse a 31-bit collision."""
@@ -134,7 +148,6 @@ class MixtureRegistry:
         self.library = library
         self.cache_dir = cache_dir
         self._ids = _Ids()
-        self._settings_key = f"{settings.factorise_kwargs()}".encode()
 
     @classmethod
     def prepare(cls, library: VectorLibrary, cache_dir: str, settings: LoraSettings, num_layers: int | None):
@@ -227,11 +240,7 @@ class MixtureRegistry:
                 "fewer components, or start the server with --allow-truncation"
             )
         name = served_name(spec)
-        h = hashlib.sha256(name.encode())
-        for v in spec.vectors:
-            h.update(b"\0" + v.encode() + b"\0" + self.vectors[v].digest.encode())
-        h.update(b"\0" + self._settings_key)
-        lora_id = int.from_bytes(h.digest()[:8], "big") % (2**31 - 1) + 1
+        lora_id = adapter_id(name, [(v, self.vectors[v].digest) for v in spec.vectors], self.settings)
         self._ids.claim(lora_id, name)
         request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=mixture_path(spec.canonical()))
         return Mixture(spec, name, request, min(summed, cap), summed > cap)

@@ -85,6 +85,9 @@ class Mixture:
     request: LoRARequest
     rank: int  # largest per-module rank
     truncated: bool  # some module's summed rank was above --max-lora-rank and is re-truncated by SVD
+    left_out: dict[
+        str, float
+    ]  # component -> share of its part of tau no adapter carries (only those above 0)
 
 
 def served_name(spec: Spec) -> str:
@@ -218,8 +221,11 @@ class MixtureRegistry:
                 "(`tunevec serve --inject SPEC` or `tunevec merge`)"
             )
         limit = self.settings.max_dropped_share
+        left_out = {}
         for comp in spec.components:
             share = self.dropped_share(comp)
+            if share > 0:
+                left_out[str(comp)] = share
             if share > limit:
                 kinds = ", ".join(sorted(self.vectors[comp.vector].dropped))
                 raise TunevecError(
@@ -243,7 +249,7 @@ class MixtureRegistry:
         lora_id = adapter_id(name, [(v, self.vectors[v].digest) for v in spec.vectors], self.settings)
         self._ids.claim(lora_id, name)
         request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=mixture_path(spec.canonical()))
-        return Mixture(spec, name, request, min(summed, cap), summed > cap)
+        return Mixture(spec, name, request, min(summed, cap), summed > cap, left_out)
 
     def describe(self, spec: Spec) -> dict:
         """What a spec would run as, without serving it: rank per module, truncation, what adapters leave out."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from argparse import Namespace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from tunevec.server.config import ServerConfig
-from tunevec.server.engine_models import ServedMixtures
+from tunevec.server.engine_models import EngineLoadError, ServedMixtures
 from tunevec.server.middleware import SteeringRouter, error_body
 from tunevec.server.mixtures import MixtureRegistry
 from tunevec.steering.library import VectorLibrary
@@ -23,6 +24,7 @@ from tunevec.steering.library import VectorLibrary
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
 
+logger = logging.getLogger("tunevec.server")
 MAX_DESCRIBE_BYTES = 64 * 1024
 
 
@@ -52,7 +54,19 @@ class TunevecEndpoints:
                 raise TunevecError(f"variant {name!r}: {exc}") from None
 
         async def repair(mixture) -> bool:  # noqa: ANN001
-            return await asyncio.to_thread(registry.repair, mixture.spec.vectors)
+            rebuilt = False
+            for name in mixture.spec.vectors:
+                try:
+                    rebuilt |= await asyncio.to_thread(registry.repair, (name,))
+                except TunevecError as exc:
+                    # The artifact itself is damaged since start-up: the server's fault (a 500, not the request's
+                    # 400), with its file named in the log only (responses carry no server paths).
+                    logger.error("tunevec: cannot rebuild the factors of vector %s: %s", name, exc)
+                    raise EngineLoadError(
+                        f"vector {name!r} is damaged on the server and must be extracted again; mixture "
+                        f"{mixture.name!r} cannot be served until then"
+                    ) from exc
+            return rebuilt
 
         served = ServedMixtures(state.openai_serving_models, engine_client, config.cache_capacity, repair)
         state.tunevec_config = config

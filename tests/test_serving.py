@@ -91,6 +91,17 @@ def test_mixture_logprobs_match_reference_of_the_low_rank_mixture(
         assert_close(served, reference_prompt_logprobs(tiny_fixtures / "base", state, ids), spec)
 
 
+def test_a_partly_carried_vector_is_named_with_its_left_out_share_on_every_response(server):
+    body = {"prompt": "The diagnosis", "max_tokens": 1, "temperature": 0}
+    steered = httpx.post(server + "/v1/completions", json={"model": "medical:2", **body}, headers=AUTH, timeout=60)
+    base = httpx.post(server + "/v1/completions", json={"model": "base", **body}, headers=AUTH, timeout=60)
+    assert steered.status_code == base.status_code == 200
+    # The tiny fine-tunes move their norms, which no LoRA slot carries (about 0.05% of ||tau||^2).
+    comp, _, share = steered.headers["x-tunevec-left-out"].partition("=")
+    assert comp == "medical:2" and 0 < float(share.rstrip("%")) < 1
+    assert "x-tunevec-left-out" not in base.headers
+
+
 def test_mixture_changes_the_model(server, tokenizer):
     ids = tokenizer(PROMPTS[0])["input_ids"]
     base = served_prompt_logprobs(server, "base", ids, AUTH)

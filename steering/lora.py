@@ -264,8 +264,10 @@ def truncate(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     """Best rank-k approximation of B @ A without forming it: QR of both factors, SVD of the small core.
 
     With B = Q_b R_b and A^T = Q_a R_a, B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the R x R core gives the
-    singular values of BA. Returns (B', A', relative Frobenius error).
+    singular values of BA. Returns (B', A', relative Frobenius error), in the factors' dtype (computed in float32).
     """
+    dtype = b.dtype
+    b, a = b.float(), a.float()
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
@@ -275,14 +277,15 @@ def truncate(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     b_new = (qb @ u[:, :k]) * root
     a_new = root[:, None] * (vh[:k] @ qa.T)
     err = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
-    return b_new, a_new, err
+    return b_new.to(dtype), a_new.to(dtype), err
 
 
 def compose(spec: Spec, adapters: dict[str, LoraAdapter], *, max_rank: int) -> LoraAdapter:
     """The adapter for a linear spec: sum over components of alpha * B A, restricted to each component's scope.
 
     Exact (stacked factors) while every module's summed rank fits ``max_rank``; otherwise that module is
-    re-truncated to ``max_rank`` and its error recorded in ``meta["truncated"]``.
+    re-truncated to ``max_rank`` and its error recorded in ``meta["truncated"]``. The result keeps the factors'
+    dtype: the server keeps resident factors in the engine's LoRA dtype, so composing converts nothing.
     """
     if spec.method != "linear":
         raise TunevecError(

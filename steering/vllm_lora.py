@@ -51,7 +51,7 @@ class ResidentFactors:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_digest: dict[str, Any] = {}
+        self._by_digest: dict[tuple[str, Any], Any] = {}
 
     def announced(self) -> dict[str, dict[str, str]]:
         raw = os.environ.get(VECTORS_ENV)
@@ -59,7 +59,9 @@ class ResidentFactors:
             raise RuntimeError(f"{VECTORS_ENV} is not set; per-request mixtures need `tunevec serve`")
         return json.loads(raw)
 
-    def adapters(self, names: tuple[str, ...]) -> dict[str, Any]:
+    def adapters(self, names: tuple[str, ...], dtype: Any) -> dict[str, Any]:
+        """The named vectors' factors in ``dtype`` (converted once: a conversion per mixture would cost more than
+        composing it on CPUs without native bfloat16)."""
         from tunevec.steering.lora import LoraAdapter
 
         announced = self.announced()
@@ -70,7 +72,7 @@ class ResidentFactors:
                 if entry is None:
                     raise ValueError(f"mixture names vector {name!r}, which this server does not serve")
                 digest = entry["digest"]
-                adapter = self._by_digest.get(digest)
+                adapter = self._by_digest.get((digest, dtype))
                 if adapter is None:
                     adapter = LoraAdapter.load(entry["path"])
                     found = adapter.meta.get("content_digest")
@@ -79,7 +81,9 @@ class ResidentFactors:
                             f"factor cache {entry['path']} holds vector content {found}, the server announced "
                             f"{digest}; restart the server to refactorise"
                         )
-                    self._by_digest[digest] = adapter
+                    factors = {n: (b.to(dtype), a.to(dtype)) for n, (b, a) in adapter.factors.items()}
+                    adapter = LoraAdapter(factors, adapter.meta)
+                    self._by_digest[(digest, dtype)] = adapter
                 out[name] = adapter
         return out
 
@@ -96,7 +100,9 @@ def compose_lora_model(manager: Any, lora_request: Any) -> Any:
 
     spec = Spec.parse(lora_request.lora_path.removeprefix(MIXTURE_PREFIX))
     max_rank = manager.lora_config.max_lora_rank
-    adapter = compose(spec, RESIDENT.adapters(spec.vectors), max_rank=max_rank)
+    adapter = compose(
+        spec, RESIDENT.adapters(spec.vectors, manager.lora_config.lora_dtype), max_rank=max_rank
+    )
     if not adapter.factors:
         raise ValueError(f"mixture {spec.canonical()!r} selects no module this engine can adapt")
     # alpha == r: vLLM's scale alpha / r is exactly 1 for every module, whatever its own rank.

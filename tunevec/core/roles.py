@@ -12,6 +12,7 @@ ambiguous, so it fails loudly here instead of classifying one family's tensors b
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ def family_of(architecture: str | None) -> Family | None:
     return _BY_ARCHITECTURE.get(architecture or "")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure, and asked again for the same names by every mixture composed
 def classify(name: str, architecture: str | None = None) -> TensorRole:
     """Role, layer and linear module of a checkpoint tensor name (``model.layers.3.mlp.up_proj.weight`` ...).
 

@@ -125,6 +125,7 @@ class Grid:
     tasks: list[TaskSpec]
     name: str = "grid"
     base: Path | None = None
+    base_ref: str | None = None  # the base as written: a folder, or a Hugging Face id resolved by check()
     vectors: Path | None = None
     include_path: list[Path] = field(default_factory=list)
     sweeps: list[Sweep] = field(default_factory=list)
@@ -179,6 +180,7 @@ class Grid:
             tasks=tasks,
             name=parsed.name or (Path(source).stem if source != "<command line>" else "grid"),
             base=path_of(parsed.base) if parsed.base else None,
+            base_ref=parsed.base,
             vectors=path_of(parsed.vectors) if parsed.vectors else None,
             include_path=[path_of(p) for p in parsed.include_path],
             sweeps=sweeps,
@@ -214,6 +216,10 @@ class Grid:
         needs_vectors = tuned or (specs and (not external_server or self.vectors is not None))
         if ((on_steering and not external_server) or needs_vectors) and self.base is None:
             raise TunevecError(f"{where}: no base model; give --base (or `base:` in the grid)")
+        if self.base is not None and not self.base.is_dir() and self.base_ref:
+            from tunevec.core.checkpoint import resolve_model
+
+            self.base = resolve_model(self.base_ref).path  # a Hugging Face id, through the hub cache
         if self.base is not None and not (self.base / "config.json").is_file():
             raise TunevecError(f"{where}: base {self.base} is not a model folder (no config.json)")
         library = None
@@ -240,6 +246,12 @@ class Grid:
             if v.tuned is not None:
                 vec = library[v.tuned]
                 tuned_path = vec.manifest.tuned.get("path")
+                hub_id = vec.manifest.tuned.get("hub_id")
+                if hub_id and not (tuned_path and Path(tuned_path).is_dir()):
+                    from tunevec.core.checkpoint import resolve_model
+
+                    # The exact snapshot the vector was extracted from, through the hub cache.
+                    tuned_path = str(resolve_model(hub_id, vec.manifest.tuned.get("commit")).path)
                 if not tuned_path or not (Path(tuned_path) / "config.json").is_file():
                     raise TunevecError(
                         f"{where}: variant {v.name!r}: vector {v.tuned!r} records its tuned model at "

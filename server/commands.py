@@ -20,7 +20,8 @@ MIDDLEWARE = ("tunevec.server.middleware.SteeringMiddleware", "tunevec.server.mi
 
 
 def configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", help="base model folder")
+    parser.add_argument("--base", help="base model: a folder or a Hugging Face id (through the hub cache)")
+    parser.add_argument("--base-revision", help="branch, tag or commit of a hub --base")
     parser.add_argument("--vectors", help="folder of tuning-vector artifacts")
     parser.add_argument(
         "--config", help="tunevec.yaml: any of the options below, plus `variants: {name: spec}`"

@@ -84,7 +84,8 @@ class LoraSettings(_Model):
 class ServerConfig(EngineSettings, LoraSettings):
     """``tunevec serve``: command line over an optional YAML file over these defaults."""
 
-    base: str
+    base: str  # a model folder or a Hugging Face id (resolved through the hub cache by ``load``)
+    base_revision: str | None = None
     vectors: str
     served_model_name: str = "base"
     host: str = "127.0.0.1"
@@ -122,6 +123,10 @@ class ServerConfig(EngineSettings, LoraSettings):
         for key in ("base", "vectors"):
             if not data.get(key):
                 raise TunevecError(f"--{key} is required (on the command line or in --config)")
+        if isinstance(data["base"], str):
+            from tunevec.core.checkpoint import resolve_model
+
+            data["base"] = str(resolve_model(data["base"], data.get("base_revision")).path)
         config = parse_settings(cls, data, f"--config {yaml_path}" if yaml_path else "tunevec serve")
         if not config.cache_dir:
             config.cache_dir = str(Path(config.vectors) / ".tunevec-cache")

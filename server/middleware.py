@@ -82,7 +82,7 @@ class JsonObject:
 
     @classmethod
     def read(cls, body: bytes) -> JsonObject | None:
-        """The body's members, or None for JSON that is not an object (vLLM answers those as it would).
+        """The body's members, or None for JSON that is not an object (vLLM answers that as it would).
 
         Raises ValueError for text that is not JSON (as ``json.loads`` would), RecursionError for nesting beyond
         Python's limit, ``FieldTooLarge`` for an oversized steering field.
@@ -90,6 +90,7 @@ class JsonObject:
         text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads reads bytes
         i = _WS.match(text).end()
         if not text.startswith("{", i):
+            json.loads(text)  # JSON of another kind goes to vLLM as it came; what is not JSON is refused here
             return None
         members: list[tuple[str, int, int, Any]] = []
         i = _WS.match(text, i + 1).end()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -508,3 +509,40 @@ def test_base_plus_tau_of_a_resized_vocabulary_is_the_tuned_model_restricted_to_
     # ... and not the tuned model's own distribution: the added tokens hold probability mass there.
     added_mass = torch.softmax(tuned, dim=-1)[:, vocab:].sum(-1)
     assert float(added_mass.max()) > 1e-3
+
+
+def test_serve_and_eval_take_hub_ids_for_the_base_and_tuned_models(tmp_path, hub_cache, monkeypatch):
+    """`tunevec serve --base org/name` and an eval grid's `base:` / `tuned:` variants resolve through the cache."""
+    from tunevec.eval.grid import Grid
+    from tunevec.server.config import ServerConfig
+
+    base = llama_like(0)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "t", perturbed(base, seed=1))
+    _cache_snapshot(hub_cache, "org/base", tmp_path / "b", "a" * 40)
+    _cache_snapshot(hub_cache, "org/tuned", tmp_path / "t", "b" * 40)
+    extract("org/base", "org/tuned", tmp_path / "vectors" / "medical", progress=False)
+    # The vectors travel to another machine: its hub cache is elsewhere, the recorded paths do not exist there.
+    shutil.move(tmp_path / "hf", tmp_path / "hf-elsewhere")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-elsewhere"))
+    hub_cache = tmp_path / "hf-elsewhere" / "hub"
+    snapshot = hub_cache / "models--org--base" / "snapshots" / ("a" * 40)
+
+    config = ServerConfig.load(None, {"base": "org/base", "vectors": str(tmp_path / "vectors")})
+    assert Path(config.base) == snapshot
+    with pytest.raises(TunevecError, match="org/missing.*not in the hub cache"):
+        ServerConfig.load(None, {"base": "org/missing", "vectors": str(tmp_path / "vectors")})
+
+    grid = Grid.from_dict(
+        {
+            "tasks": ["t"],
+            "variants": ["base", {"name": "medical-tuned", "tuned": "medical"}],
+            "base": "org/base",
+            "vectors": str(tmp_path / "vectors"),
+        },  # fmt: skip
+        root=tmp_path,
+    )
+    grid.check(task_index=None)
+    assert grid.base == snapshot
+    tuned = next(v for v in grid.variants if v.name == "medical-tuned")
+    assert tuned.checkpoint == hub_cache / "models--org--tuned" / "snapshots" / ("b" * 40)

@@ -50,7 +50,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-dropped-share",
         type=float,
-        help="largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms, head; default 0.01)",
+        help="largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms; default 0.001)",
     )
     parser.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
     parser.add_argument("--cache-capacity", type=int, help="mixtures kept registered (default 32)")

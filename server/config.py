@@ -52,8 +52,9 @@ class LoraSettings(_Model):
     allow_truncation: bool = False
     max_components: int = Field(4, ge=1)
     max_abs_alpha: float = Field(4.0, gt=0)
-    # The largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms, head: no LoRA slot).
-    max_dropped_share: float = Field(0.01, ge=0, le=1)
+    # The largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms: no LoRA slot). 0.1%, not
+    # 1%: norm and bias deltas move predictions far more than their share of ||tau||^2 (docs/serving.md).
+    max_dropped_share: float = Field(0.001, ge=0, le=1)
     cache_capacity: int = Field(32, ge=1)  # mixture names kept registered with vLLM
 
     @model_validator(mode="before")

@@ -22,6 +22,14 @@ product, once per slice (q, k, v ...) for the shrink and again for the expand. E
     whatever the number of slots, at the price of ``n x ΣR`` extra multiply-adds, negligible for few tokens;
   - many long runs: per run, as for one.
 
+**Factored adapters** (optional, ``FactoredAdapters``): when several slots hold adapters that are combinations of
+the same shared factors (tunevec's mixtures: sum_i alpha_i B_i A_i of a few vectors), reading every slot's own
+copy streams the shared factors once per slot. A provider that knows the structure gives, per module, one stack of
+all shared factors (``A [R, in]``, ``B [out, R]``) and, per adapter, its coefficients over the stack's columns.
+A step with two or more such slots then runs ``y += ((x Aᵀ) ⊙ C) Bᵀ``, ``C`` each token's coefficient row: four
+ops and one copy of the factors, however many mixtures share the batch. A single slot keeps the two-op path
+(its coefficients are folded into its own weights).
+
 Packs are keyed by the LoRA layer's stacked weight tuple and dropped when the slot's adapter changes
 (``update_metadata`` sees ``lora_index_to_id`` change, and ``invalidate_slot`` is called on every activation, which
 also covers an adapter reloaded in place under the same id).
@@ -34,7 +42,7 @@ several slots, no-LoRA tokens mixed in, sliced outputs such as qkv and gate_up).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -58,6 +66,18 @@ class _Pack:
         return self.b.shape[1]
 
 
+class FactoredAdapters(Protocol):
+    """Adapters known as coefficients over factors that many of them share (see the module docstring)."""
+
+    def stack(self, module: str, dtype: torch.dtype) -> _Pack | None:
+        """Every shared factor of ``module``: A ``[R, in]`` stacked, B ``[out, R]`` at each factor's output rows."""
+        ...
+
+    def coefficients(self, lora_id: int, module: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """Adapter ``lora_id`` over ``stack(module)``'s columns (``[R]``), or None if it is not factored."""
+        ...
+
+
 @dataclass(frozen=True)
 class _Run:
     start: int
@@ -73,6 +93,18 @@ class _StepPlan:
         self.num_tokens = num_tokens
         self.slots = sorted({r.slot for r in runs})
         self.masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def row_index(self, slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Per token, 1 + the position of its slot in ``slots``, or 0 (no adapter, or a slot not in ``slots``)."""
+        idx = self._rows.get(slots)
+        if idx is None:
+            idx = torch.zeros(self.num_tokens, dtype=torch.long, device=device)
+            for run in self.runs:
+                if run.slot in slots:
+                    idx[run.start : run.stop] = 1 + slots.index(run.slot)
+            self._rows[slots] = idx
+        return idx
 
     @property
     def stacked(self) -> bool:
@@ -185,6 +217,15 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         self._packs: dict[int, tuple[Any, dict[int, _Pack | None]]] = {}
         self._stacks: dict[tuple[int, tuple[int, ...]], _Pack] = {}
         self._plan = _StepPlan([], 0)
+        self._factored: FactoredAdapters | None = None
+        self._module_names: dict[int, str] = {}  # id(a layer's stacked A) -> its module name
+        self._tables: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+    def bind(self, modules: dict[str, Any], factored: FactoredAdapters | None) -> None:
+        """Name the LoRA layers (``{module name: layer}``) and give the provider of factored adapters, if any."""
+        self._module_names = {id(layer.lora_a_stacked): name for name, layer in modules.items()}
+        self._factored = factored
+        self._tables.clear()
 
     # --- metadata ---------------------------------------------------------------------------------------------
 
@@ -204,6 +245,7 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         for _, by_slot in self._packs.values():
             by_slot.pop(slot, None)
         self._stacks.clear()
+        self._tables.clear()
 
     def _pack(self, key_obj: Any, slot: int, build) -> _Pack | None:  # noqa: ANN001
         entry = self._packs.get(id(key_obj))
@@ -333,8 +375,38 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         plan = self._plan
         return len(plan.runs) == 1 and plan.runs[0].start == 0 and plan.runs[0].stop == plan.num_tokens
 
+    def _apply_factored(self, y, x, key_obj, scale: float, shrink, plan: _StepPlan) -> set[int]:  # noqa: ANN001
+        """Slots served from the shared factors this step (only when two or more are factored); see the docstring."""
+        module = self._module_names.get(id(key_obj))
+        if module is None or self._factored is None or len(plan.slots) < 2:
+            return set()
+        ids = {s: self._slot_ids[s] for s in plan.slots if s < len(self._slot_ids)}
+        coefs = {s: self._factored.coefficients(ids[s], module, y.dtype) for s in ids if ids[s] is not None}
+        slots = tuple(s for s in plan.slots if coefs.get(s) is not None)
+        if len(slots) < 2:
+            return set()
+        stack = self._factored.stack(module, y.dtype)
+        if stack is None:
+            return set(slots)  # no shared factor touches this module: those slots add nothing here, exactly
+        key = (id(key_obj), tuple(ids[s] for s in slots))
+        table = self._tables.get(key)
+        if table is None:
+            rows = [torch.zeros_like(coefs[slots[0]])] + [coefs[s] for s in slots]
+            table = self._tables[key] = torch.stack(rows)
+        n = plan.num_tokens
+        h = shrink(stack, x[:n])
+        h.mul_(table.index_select(0, plan.row_index(slots, h.device)))
+        y[:n].addmm_(h, stack.b.T, alpha=scale)
+        return set(slots)
+
     def _apply(self, y, x, key_obj, packs, scale: float, shrink, stacked: bool = True, plan=None) -> None:  # noqa: ANN001
         plan = self._plan if plan is None else plan
+        done = self._apply_factored(y, x, key_obj, scale, shrink, plan) if stacked else set()
+        if done:
+            if done.issuperset(plan.slots):
+                return
+            plan = _StepPlan([r for r in plan.runs if r.slot not in done], plan.num_tokens)
+            packs = {s: packs[s] for s in plan.slots}
         if all(p is None for p in packs.values()):
             return
         if stacked and plan.stacked:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import Any
 
 logger = logging.getLogger("vllm.tunevec.lora")
@@ -52,6 +53,9 @@ class ResidentFactors:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_digest: dict[tuple[str, Any], Any] = {}
+        self.version = (
+            0  # bumped whenever a vector is read in: what a stack of all resident factors holds changed
+        )
 
     def announced(self) -> dict[str, dict[str, str]]:
         raw = os.environ.get(VECTORS_ENV)
@@ -84,11 +88,125 @@ class ResidentFactors:
                     factors = {n: (b.to(dtype), a.to(dtype)) for n, (b, a) in adapter.factors.items()}
                     adapter = LoraAdapter(factors, adapter.meta)
                     self._by_digest[(digest, dtype)] = adapter
+                    self.version += 1
                 out[name] = adapter
         return out
 
+    def resident(self, dtype: Any) -> dict[str, Any]:
+        """The announced vectors already read in ``dtype``, by name."""
+        with self._lock:
+            return {
+                name: self._by_digest[(entry["digest"], dtype)]
+                for name, entry in sorted(self.announced().items())
+                if (entry["digest"], dtype) in self._by_digest
+            }
+
 
 RESIDENT = ResidentFactors()
+# Adapter id -> its spec, for mixtures composed exactly (not re-truncated): what MixtureFactors needs to serve them
+# as coefficients over the resident factors. Bounded; an id that fell out is served from its slot's own weights.
+SPECS: OrderedDict[int, Any] = OrderedDict()
+SPECS_KEPT = 4096
+
+
+class MixtureFactors:
+    """tunevec's mixtures as coefficients over the resident vectors' factors (``FactoredAdapters``, CPU op).
+
+    The stack of a module holds, for every resident vector and every checkpoint tensor that lands in that vLLM
+    module (a packed part such as q_proj of qkv_proj lands at its slice's output rows), the tensor's factors. A
+    mixture's coefficients are its components' alphas on the columns of the tensors they apply to.
+    """
+
+    def __init__(self, manager: Any):
+        self._manager = manager
+        mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+        self._mapper = None if mapper is None else mapper.get_rename_mapper()
+        self._version = -1
+        self._stacks: dict[tuple[str, Any], Any] = {}
+        self._columns: dict[tuple[str, Any], list[tuple[str, str, int, int]]] = {}
+        self._coefs: dict[tuple[int, str, Any], Any] = {}
+        self._targets: dict[str, tuple[str, int, int] | None] = {}
+
+    def _fresh(self) -> None:
+        if RESIDENT.version != self._version:
+            self._stacks.clear()
+            self._columns.clear()
+            self._coefs.clear()
+            self._version = RESIDENT.version
+
+    def _target(self, tensor: str) -> tuple[str, int, int] | None:
+        """(vLLM module, first output row, rows) a checkpoint tensor's delta lands on; None for the embedding."""
+        if tensor in self._targets:
+            return self._targets[tensor]
+        import torch
+        from tunevec.steering.lora import peft_tensors
+        from vllm.lora.utils import parse_fine_tuned_lora_name
+
+        dummy = torch.zeros(1, 1)
+        module, _ = parse_fine_tuned_lora_name(
+            next(iter(peft_tensors({tensor: (dummy, dummy)}))), self._mapper
+        )
+        modules, found = self._manager.modules, None
+        if module in modules and hasattr(modules[module], "output_slices"):
+            found = (module, 0, sum(modules[module].output_slices))
+        elif module in modules and module.endswith("lm_head"):
+            found = (module, 0, modules[module].lora_b_stacked.shape[2])
+        else:
+            for parent, parts in self._manager.packed_modules.items():
+                if module in parts and parent in modules:
+                    sizes = modules[parent].output_slices
+                    i = parts.index(module)
+                    found = (parent, sum(sizes[:i]), sizes[i])
+        self._targets[tensor] = found
+        return found
+
+    def stack(self, module: str, dtype: Any) -> Any:
+        import torch
+        from tunevec.steering.punica_grouped import _Pack
+
+        self._fresh()
+        key = (module, dtype)
+        if key not in self._stacks:
+            blocks, columns, col = [], [], 0
+            for name, adapter in RESIDENT.resident(dtype).items():
+                for tensor, (b, a) in adapter.factors.items():
+                    target = self._target(tensor)
+                    if target is not None and target[0] == module:
+                        blocks.append((target, b, a))
+                        columns.append((name, tensor, col, col + b.shape[1]))
+                        col += b.shape[1]
+            if not blocks:
+                self._stacks[key], self._columns[key] = None, []
+            else:
+                layer = self._manager.modules[module]
+                if hasattr(layer, "output_slices"):
+                    rows_total = sum(layer.output_slices)
+                else:  # the output head: its vocabulary
+                    rows_total = layer.lora_b_stacked.shape[2]
+                b_all = torch.zeros(rows_total, col, dtype=dtype)
+                for ((_, row, rows), b, _), (_, _, c0, c1) in zip(blocks, columns, strict=True):
+                    b_all[row : row + rows, c0:c1] = b
+                a_all = torch.cat([a for _, _, a in blocks], dim=0).contiguous()
+                self._stacks[key], self._columns[key] = _Pack(a_all, b_all), columns
+        return self._stacks[key]
+
+    def coefficients(self, lora_id: int, module: str, dtype: Any) -> Any:
+        import torch
+
+        spec = SPECS.get(lora_id)
+        if spec is None:
+            return None
+        self._fresh()
+        key = (lora_id, module, dtype)
+        if key not in self._coefs:
+            self.stack(module, dtype)
+            coef = torch.zeros(sum(c1 - c0 for _, _, c0, c1 in self._columns[(module, dtype)]), dtype=dtype)
+            for vector, tensor, c0, c1 in self._columns[(module, dtype)]:
+                for comp in spec.components:
+                    if comp.vector == vector and comp.applies_to(tensor):
+                        coef[c0:c1] = comp.alpha
+            self._coefs[key] = coef
+        return self._coefs[key]
 
 
 def compose_lora_model(manager: Any, lora_request: Any) -> Any:
@@ -120,6 +238,11 @@ def compose_lora_model(manager: Any, lora_request: Any) -> Any:
         skip_prefixes=getattr(model, "lora_skip_prefixes", None),
     )
     lora.is_3d_lora_weight = False
+    if not adapter.meta.get("truncated"):
+        SPECS[lora_request.lora_int_id] = spec
+        SPECS.move_to_end(lora_request.lora_int_id)
+        while len(SPECS) > SPECS_KEPT:
+            SPECS.popitem(last=False)
     return lora
 
 
@@ -177,7 +300,15 @@ def install() -> bool:
         return True
 
     class GroupedLoRAModelManager(LRUCacheLoRAModelManager):
-        """vLLM's LRU manager that tells grouped wrappers when a slot gets new weights."""
+        """vLLM's LRU manager that names its LoRA layers to grouped wrappers and tells them when a slot changes."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            # The shared-factor stacks hold whole tensors: under tensor parallelism each rank would need its shard.
+            sharded = any(getattr(m, "tp_size", 1) > 1 for m in self.modules.values())
+            for wrapper in self.punica_wrapper_mapping.values():
+                if isinstance(wrapper, PunicaWrapperGrouped):
+                    wrapper.bind(self.modules, None if sharded else MixtureFactors(self))
 
         def activate_adapter(self, lora_id: int) -> bool:
             activated = super().activate_adapter(lora_id)

@@ -188,3 +188,88 @@ def test_plan_runs_cuts_at_every_change_and_skips_base_tokens() -> None:
     runs = plan_runs([11, 11, 0, 22, 22, 22, 11], [11, None, 22])
     assert [(r.start, r.stop, r.slot) for r in runs] == [(0, 2, 0), (3, 6, 2), (6, 7, 0)]
     assert plan_runs([], [11]) == []
+
+
+class SharedFactors:
+    """A FactoredAdapters provider: two shared factor sets, each slot's adapter alpha1 * F1 + alpha2 * F2."""
+
+    def __init__(self, slices, gen, alphas: dict[int, tuple[float, float] | None]):
+        self.slices = slices
+        self.alphas = (
+            alphas  # lora id -> (alpha1, alpha2), None: not factored (its slot keeps its own weights)
+        )
+        self.factors = [
+            [(torch.randn(r, IN, generator=gen), torch.randn(out, r, generator=gen)) for out in slices]
+            for r in (3, 5)
+        ]
+        blocks, self.columns, col = [], [], 0
+        for v, per_slice in enumerate(self.factors):
+            row = 0
+            for i, (a, b) in enumerate(per_slice):
+                blocks.append((row, a, b))
+                self.columns.append((v, col, col + a.shape[0]))
+                col += a.shape[0]
+                row += slices[i]
+        b_all = torch.zeros(sum(slices), col)
+        for (row, _a, b), (_, c0, c1) in zip(blocks, self.columns, strict=True):
+            b_all[row : row + b.shape[0], c0:c1] = b
+        from tunevec.steering.punica_grouped import _Pack
+
+        self._stack = _Pack(torch.cat([a for _, a, _ in blocks]), b_all)
+        self.calls = 0
+
+    def stack(self, module, dtype):
+        self.calls += 1
+        return self._stack
+
+    def coefficients(self, lora_id, module, dtype):
+        pair = self.alphas.get(lora_id)
+        if pair is None:
+            return None
+        coef = torch.zeros(self._stack.rank)
+        for v, c0, c1 in self.columns:
+            coef[c0:c1] = pair[v]
+        return coef
+
+    def slot_weights(self, slot_of: dict[int, int], own: dict[int, tuple]):
+        """vLLM's stacked layout holding each slot's composed adapter (what vLLM would have copied in)."""
+        a_stk = tuple(torch.zeros(MAX_LORAS, 1, MAX_RANK, IN) for _ in self.slices)
+        b_stk = tuple(torch.zeros(MAX_LORAS, 1, out, MAX_RANK) for out in self.slices)
+        for lora_id, slot in slot_of.items():
+            pair = self.alphas.get(lora_id)
+            for i in range(len(self.slices)):
+                if pair is None:
+                    a, b = own[lora_id][i]
+                else:
+                    a = torch.cat([self.factors[v][i][0] for v in (0, 1)])
+                    b = torch.cat([pair[v] * self.factors[v][i][1] for v in (0, 1)], dim=1)
+                a_stk[i][slot, 0, : a.shape[0]] = a
+                b_stk[i][slot, 0, :, : b.shape[1]] = b
+        return a_stk, b_stk
+
+
+@pytest.mark.parametrize(
+    "case", ["prefill, several requests and base tokens", "decode, interleaved adapters"]
+)
+@pytest.mark.parametrize("slices", [QKV, (48,)], ids=["qkv", "single"])
+def test_factored_slots_served_from_shared_factors_match_vllm_reference_ops(case, slices):
+    gen = torch.Generator().manual_seed(5)
+    # Ids 11 and 22 are mixtures of the shared factors (one scoped out of factor 2); 33 is an ordinary adapter.
+    shared = SharedFactors(slices, gen, {11: (0.8, 0.4), 22: (-1.5, 0.0), 33: None})
+    own = {33: [(torch.randn(4, IN, generator=gen), torch.randn(out, 4, generator=gen)) for out in slices]}
+    a_stk, b_stk = shared.slot_weights({11: 0, 22: 2, 33: 3}, own)
+    ids = CASES[case]
+    x = torch.randn(len(ids), IN, generator=gen)
+    y = torch.randn(len(ids), sum(slices), generator=gen)
+    want = reference_linear(y, x, a_stk, b_stk, torch.tensor([SLOT_OF[i] for i in ids]), slices)
+
+    wrapper = wrapper_for(ids, SLOT_IDS)
+
+    class Layer:
+        lora_a_stacked = a_stk
+
+    wrapper.bind({"model.layers.0.self_attn.qkv_proj": Layer}, shared)
+    got = y.clone()
+    wrapper.add_lora_linear(got, x, a_stk, b_stk, 1.0, slices)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert shared.calls > 0  # the two mixtures were served from the shared factors, not from their slots

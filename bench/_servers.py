@@ -111,11 +111,12 @@ def check_memory(servers: int, per_server_gib: float) -> None:
 def bench_env() -> dict[str, str]:
     """eval.launch's server environment, with the KV cache sized by --kv-cache-memory-bytes instead.
 
-    vLLM's CPU backend lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override --kv-cache-memory-bytes unless it is
-    empty, and ``engine_env`` (in ``tunevec serve`` too) only fills it in when it is absent: empty keeps both out.
+    vLLM's CPU backend lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override --kv-cache-memory-bytes, and its workers
+    refuse an empty value: the variable is left out here, and ``engine_env`` leaves it out for any server given
+    --kv-cache-memory-bytes (``tunevec serve`` included).
     """
     env = server_env()
-    env["VLLM_CPU_KVCACHE_SPACE"] = ""
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     return env
 
 

@@ -231,7 +231,10 @@ def engine_env(
     from tunevec.steering.vllm_plugin import plugin_env
 
     out = dict(os.environ if env is None else env)
-    out.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
+    if "--kv-cache-memory-bytes" in engine.extra_args:
+        out.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU backend lets it override the explicit size
+    else:
+        out.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
     if engine.reserved_cpus is not None:
         out["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(engine.reserved_cpus)
     out.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -89,8 +89,11 @@ class ServedMixtures:
                 return
             except Exception as exc:
                 first = exc
+        # The cause can name server paths (a factor folder): it goes to the log, not to the client.
         logger.error("tunevec: the engine could not load mixture %s: %s", mixture.name, first)
-        raise EngineLoadError(f"the engine could not load mixture {mixture.name!r}: {first}") from first
+        raise EngineLoadError(
+            f"the engine could not load mixture {mixture.name!r}; the server log says why"
+        ) from first
 
     def release(self, mixture: Any) -> None:
         left = self._in_flight.get(mixture.name, 0) - 1

@@ -117,6 +117,7 @@ def adapter_id(name: str, digests: Iterable[tuple[str, str]], settings: LoraSett
 class _Ids:
     """Recently issued adapter ids and the mixture each stands for, to refuse a 31-bit collision."""
 
+    keep: int = ID_MEMORY
     lock: threading.Lock = field(default_factory=threading.Lock)
     names: OrderedDict[int, str] = field(default_factory=OrderedDict)
 
@@ -130,7 +131,7 @@ class _Ids:
                 )
             self.names[lora_id] = name
             self.names.move_to_end(lora_id)
-            while len(self.names) > ID_MEMORY:
+            while len(self.names) > self.keep:
                 self.names.popitem(last=False)
 
 
@@ -150,7 +151,9 @@ class MixtureRegistry:
         self.num_layers = num_layers
         self.library = library
         self.cache_dir = cache_dir
-        self._ids = _Ids()
+        # Every id vLLM may still hold (registered names, its adapter LRU) must stay remembered: keep well over
+        # both, whatever --cache-capacity says.
+        self._ids = _Ids(keep=max(ID_MEMORY, 4 * (settings.cache_capacity + settings.max_loras)))
 
     @classmethod
     def prepare(cls, library: VectorLibrary, cache_dir: str, settings: LoraSettings, num_layers: int | None):

@@ -19,6 +19,7 @@ PEFT contract honoured by ``save`` (what vLLM 0.32's PEFT loader reads): ``adapt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from tunevec.steering.spec import Spec
 
 from tunevec.core.errors import TunevecError
@@ -42,7 +43,7 @@ CARRIED_ROLES = frozenset({"attention", "mlp", "embedding", "head", "other"})
 # The module vLLM's LoRA manager wraps as the output head (LogitsProcessorWithLoRA).
 HEAD = "lm_head.weight"
 # Bumped whenever what ``adapter_from_vector`` writes changes, so factor caches from older code are not reused.
-FACTORS_VERSION = 2
+FACTORS_VERSION = 3
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -96,9 +97,10 @@ class LoraAdapter:
         ranks = {name: b.shape[1] for name, (b, _) in self.factors.items()}
         with StagedFolder(path, replace=True) as tmp:
             save_file(peft_tensors(padded), tmp / "adapter_model.safetensors")
+            digest = hashlib.sha256((tmp / "adapter_model.safetensors").read_bytes()).hexdigest()
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
             (tmp / ADAPTER_META).write_text(
-                json.dumps({**self.meta, "r": r, "module_ranks": ranks}, indent=1)
+                json.dumps({**self.meta, "r": r, "module_ranks": ranks, "tensors_sha256": digest}, indent=1)
             )
         return Path(path)
 
@@ -107,8 +109,14 @@ class LoraAdapter:
         p = Path(path)
         try:
             config = json.loads((p / "adapter_config.json").read_text())
-            tensors = load_file(p / "adapter_model.safetensors")
+            # Read into memory owned here, not mapped: a worker keeps these factors for its lifetime, and a file
+            # truncated under a mapping kills the process (SIGBUS) on the next access.
+            raw = (p / "adapter_model.safetensors").read_bytes()
             meta = json.loads((p / ADAPTER_META).read_text()) if (p / ADAPTER_META).exists() else {}
+            want = meta.get("tensors_sha256")
+            if want is not None and hashlib.sha256(raw).hexdigest() != want:
+                raise TunevecError("adapter_model.safetensors does not match its recorded checksum")
+            tensors = load(raw)
             scale = config["lora_alpha"] / config["r"]
         except Exception as exc:  # safetensors raises its own error type for a damaged file
             raise TunevecError(f"{p}: not a readable PEFT LoRA adapter folder: {exc}") from exc

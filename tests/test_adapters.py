@@ -144,3 +144,20 @@ def test_reloaded_adapter_keeps_true_module_ranks_so_mixtures_do_not_inflate(lib
     adapter = adapter_from_vector(library["medical"], rank=3)
     back = LoraAdapter.load(adapter.save(tmp_path / "ad"))
     assert back.max_module_rank == 3  # saved zero-padded to r = 8 for vLLM, trimmed on load
+
+
+def test_a_saved_adapter_with_flipped_bytes_is_refused_on_load(library, tmp_path):
+    path = adapter_from_vector(library["medical"], rank=3).save(tmp_path / "ad")
+    data = bytearray((path / "adapter_model.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # same size, one value changed
+    (path / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(TunevecError, match="checksum"):
+        LoraAdapter.load(path)
+
+
+def test_loaded_factors_own_their_memory(library, tmp_path):
+    """A worker keeps factors for its lifetime: they must not be views of a file someone may truncate."""
+    path = adapter_from_vector(library["medical"], rank=3).save(tmp_path / "ad")
+    back = LoraAdapter.load(path)
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    assert all(float(b.abs().sum()) > 0 and float(a.abs().sum()) > 0 for b, a in back.factors.values())

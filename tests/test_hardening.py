@@ -688,12 +688,6 @@ def test_finding9_a_server_on_a_vector_with_flipped_bytes_refuses_to_start_namin
 
 
 @slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="steering/lora.py LoraAdapter.load keeps safetensors' memory-mapped tensors (the A factors are views "
-    "of the file): in a worker, a resident factor file truncated in place raises SIGBUS and the engine dies. "
-    "Fix there: read owned tensors (safetensors.torch.load(path.read_bytes()), or clone).",
-)
 def test_finding4_a_resident_factor_file_truncated_in_place_under_load_leaves_the_engine_alive(server):
     """Deleting a resident factor folder is harmless (the workers' mappings keep the old inode); truncating its
     file in place is not: seen on this server, the worker died ("Worker proc VllmWorker-0 died unexpectedly")

@@ -159,8 +159,13 @@ def test_an_engine_refusal_is_reported_and_nothing_is_registered(registry_factor
     mixture = reg.mixture(reg.parse("medical:0.5"))
     models = FakeModels()
     served = ServedMixtures(models, FakeEngine(fail={mixture.name}), capacity=2)
-    with pytest.raises(EngineLoadError, match="could not load mixture 'medical:0.5': no such module"):
+    with pytest.raises(
+        EngineLoadError, match="could not load mixture 'medical:0.5'; the server log says why"
+    ) as err:
         asyncio.run(served.acquire(mixture))
+    assert "no such module" in str(
+        err.value.__cause__
+    )  # the cause is kept for the log, not sent to the client
     assert models.lora_requests == {}
 
 

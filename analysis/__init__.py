@@ -10,7 +10,6 @@ from tunevec.analysis.alignment import (
 )
 from tunevec.analysis.representation import PrincipalAngles, change_dimensions, linear_cka, principal_angles
 from tunevec.analysis.similarity import PairSums, SimilarityAccumulator, cosine, pair_sums, sign_agreement
-
 from tunevec.core.linalg import (
     LowRank,
     allocate_ranks,

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tunevec.analysis.suffix import IGNORE, Example, prefix_states, suffix_batch, suffix_loss
 
+from tunevec.analysis.suffix import IGNORE, Example, prefix_states, suffix_batch, suffix_loss
 from tunevec.core.errors import TunevecError
 from tunevec.core.roles import classify
 
@@ -550,8 +550,8 @@ def attribute(
 ) -> dict[str, Any]:
     """Attribute each vector on its domain's examples; write attribution.json, .png and .md into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunevec.analysis.plots import plot_attribution
 
+    from tunevec.analysis.plots import plot_attribution
     from tunevec.core.checkpoint import Checkpoint
     from tunevec.core.vector import TuningVector
 

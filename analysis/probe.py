@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tunevec.analysis.representation import change_dimensions, linear_cka, principal_angles
 
+from tunevec.analysis.representation import change_dimensions, linear_cka, principal_angles
 from tunevec.core.errors import TunevecError
 
 # A small bundled probe set for when no probe file is given: plain sentences from the three fixture domains.

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tunevec.analysis.aggregate import cross_domain, vector_results
 from tunevec.analysis.walk import ReportOptions, open_inputs, walk
-
 from tunevec.core.errors import TunevecError
 
 REPORT_FORMAT = "tunevec.analysis-report"

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from tunevec.analysis.aggregate import LINEAR_ROLES
 from tunevec.analysis.alignment import (
     W_ENERGY,
@@ -31,7 +32,6 @@ from tunevec.analysis.alignment import (
     principal_directions,
 )
 from tunevec.analysis.similarity import SimilarityAccumulator
-
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
 from tunevec.core.linalg import (

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _common  # noqa: F401  (first: the offline environment, before tunevec and vLLM are imported)
+
 from tunevec.eval.launch import ServerProcess, free_port, serve_options, server_env, spawn
 from tunevec.server.config import EngineSettings, vllm_serve_command
 

@@ -39,6 +39,7 @@ from _load import (
 from _servers import (
     group_cpu_seconds,
 )
+
 from tunevec.eval.launch import checkpoint_server, free_port, injected_server, spawn
 from tunevec.server.config import EngineSettings
 

@@ -25,9 +25,10 @@ import statistics
 import time
 
 import torch
-from tunevec.steering.punica_grouped import PunicaWrapperGrouped
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from tunevec.steering.punica_grouped import PunicaWrapperGrouped
 
 HIDDEN, HEAD, QH, KVH, INTER = 576, 64, 9, 3, 1536
 # (name, input size, output slices)

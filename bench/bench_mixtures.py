@@ -93,7 +93,9 @@ class Scenario:
         return self.tokens[phase] / self.wall[phase] if self.wall[phase] else float("nan")
 
 
-def jobs_for(phase: str, models: list[str], prompts: list[list[int]], max_tokens: int) -> list[tuple[str, dict]]:
+def jobs_for(
+    phase: str, models: list[str], prompts: list[list[int]], max_tokens: int
+) -> list[tuple[str, dict]]:
     make = (lambda m, p: gen_body(m, p, max_tokens)) if phase == "gen" else loglik_body
     return [(phase, make(models[i % len(models)], p)) for i, p in enumerate(prompts)]
 
@@ -175,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(parser)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
-    parser.add_argument("--requests", type=int, help="requests per scenario, phase and round (default 24, --quick 16)")
+    parser.add_argument(
+        "--requests", type=int, help="requests per scenario, phase and round (default 24, --quick 16)"
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--gen-prompt-len", type=int, default=64)
     parser.add_argument("--loglik-prompt-len", type=int, default=256)
@@ -190,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(remove_caches, workdir)
     vocab = vocab_size(base)
     common = ["--adapter-rank", "16", "--max-loras", "8", "--max-dropped-share", "1"]
-    specs = [ServerSpec("S64", [*common, "--max-lora-rank", "64"]), ServerSpec("S16", [*common, "--max-lora-rank", "16"])]
+    specs = [
+        ServerSpec("S64", [*common, "--max-lora-rank", "64"]),
+        ServerSpec("S16", [*common, "--max-lora-rank", "16"]),
+    ]
     eight = eight_mixtures(num_layers(base))
     scenarios = [
         Scenario("base", "S64", ["base"]),
@@ -238,7 +245,17 @@ def main(argv: list[str] | None = None) -> int:
             row += [f"{sc.rate(phase):.1f}", f"{sc.rate(phase) / ref.rate(phase):.3f}",
                     f"{min(ratios):.2f}-{max(ratios):.2f}"]  # fmt: skip
         rows.append(row + [str(sc.failed)])
-    head = ["scenario", "server", "gen tok/s", "x base", "per round", "scored tok/s", "x base", "per round", "failed"]
+    head = [
+        "scenario",
+        "server",
+        "gen tok/s",
+        "x base",
+        "per round",
+        "scored tok/s",
+        "x base",
+        "per round",
+        "failed",
+    ]
     print(f"\n-- results ({args.rounds} round(s); x base against the base on the same server) --")
     print(table(rows, head))
 
@@ -255,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     for phase in PHASES:
         at64 = r(by[f"{RANK16} @ max rank 64"], base_sc, phase)
         at16 = r(by[f"{RANK16} @ max rank 16"], by["base @ max rank 16"], phase)
-        lines.append((f"{phase}: rank-16 mixture at max rank 64 / at max rank 16", at64 / at16, TARGETS["rank64"]))
+        lines.append(
+            (f"{phase}: rank-16 mixture at max rank 64 / at max rank 16", at64 / at16, TARGETS["rank64"])
+        )
     print("\n-- targets --")
     print(f"A/A control (base again / base): generation {aa[0]:.3f}, scoring {aa[1]:.3f}")
     for what, value, target in lines:

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
 from _load import gen_body, loglik_body, random_prompts  # noqa: E402
 from _servers import ServerSpec, cache_dir, check_memory, remove_caches, serve_command  # noqa: E402
 from bench_mixtures import folder_bytes, group_rss_mib  # noqa: E402
+
 from tunevec.eval.launch import ServerProcess, free_port, server_env, spawn  # noqa: E402
 
 SERVER_ARGS = ["--adapter-rank", "8", "--max-lora-rank", "16", "--max-loras", "4", "--cache-capacity", "8",

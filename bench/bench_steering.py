@@ -213,12 +213,12 @@ def report(cells: list[Cell], by: dict[str, Cell]) -> str:
 def compose_in_process(base: Path, vectors: Path, workdir: Path, repeats: int) -> list[str]:
     """Factorise both vectors, compose the two-vector adapter, write it: a mixture's first use, in steps."""
     import torch
+
+    from tunevec.core.checkpoint import Checkpoint
     from tunevec.server.config import ServerConfig
     from tunevec.server.mixtures import MixtureRegistry
     from tunevec.steering.library import VectorLibrary
     from tunevec.steering.lora import compose
-
-    from tunevec.core.checkpoint import Checkpoint
 
     torch.set_num_threads(1)  # as the server's build thread competes with the engine
     config = ServerConfig(
@@ -256,11 +256,10 @@ def compose_in_process(base: Path, vectors: Path, workdir: Path, repeats: int) -
 
 def first_requests(server, vocab: int, base: Path, vectors: Path, workdir: Path, repeats: int) -> list[str]:
     """First-request latency of new mixtures (compose + load), of mixtures already on disk (load), warm."""
+    from tunevec.core.checkpoint import Checkpoint
     from tunevec.server.config import ServerConfig
     from tunevec.server.mixtures import MixtureRegistry
     from tunevec.steering.library import VectorLibrary
-
-    from tunevec.core.checkpoint import Checkpoint
 
     prompts = iter(random_prompts(vocab, 5 * repeats + 2, 16, seed=777))
 

@@ -39,7 +39,9 @@ def main() -> None:
             continue
         texts = probe_texts(fixtures)
         for name in ("medical", "math"):
-            rows.append((f"{kind} {name}", uncarried_effect(fixtures / "base", TuningVector(vectors / name), texts)))
+            rows.append(
+                (f"{kind} {name}", uncarried_effect(fixtures / "base", TuningVector(vectors / name), texts))
+            )
     from archs import FAMILIES, PROMPTS, pair
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tunevec.core.errors import TunevecError
 from tunevec.eval.schema import (
     GridFile,
     LmEvalSettings,
@@ -51,8 +53,6 @@ from tunevec.eval.schema import (
     kind_of,
     parse_grid,
 )
-
-from tunevec.core.errors import TunevecError
 
 BASE = "base"  # the variant (and served model name) of the plain base model on the steering server
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -197,10 +197,9 @@ class Grid:
         ``task_index`` maps task names to lm-eval index entries (``eval.tasks.task_manager``); None skips the
         task check (unit tests of the grid shape).
         """
+        from tunevec.core.checkpoint import Checkpoint
         from tunevec.steering.library import VectorLibrary
         from tunevec.steering.spec import Spec
-
-        from tunevec.core.checkpoint import Checkpoint
 
         where = f"grid {self.source}"
         if external_server and self.server.steering == "inject":

@@ -19,10 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunevec.eval.grid import Grid, TaskSpec, Variant
-
 from tunevec.core.errors import TunevecError
 from tunevec.core.files import write_file_atomically
+from tunevec.eval.grid import Grid, TaskSpec, Variant
 
 if TYPE_CHECKING:
     from tunevec.eval.plan import GridRun, PlannedCell

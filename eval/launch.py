@@ -28,9 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunevec.server.config import EngineSettings, LoraSettings, engine_env, vllm_serve_command
-
 from tunevec.core.errors import TunevecError
+from tunevec.server.config import EngineSettings, LoraSettings, engine_env, vllm_serve_command
 
 REPO = Path(__file__).resolve().parents[1]
 # Logged by steering/vllm_patches.py in each vLLM process once the CPU LoRA prompt-logprobs fix is in effect.

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunevec.core.errors import TunevecError
 from tunevec.eval.grid import Cell, Grid, Variant, digest
 from tunevec.eval.harness import CELL_VERSION, is_finished
 from tunevec.eval.tasks import default_include_path, task_fingerprint, task_manager
-
-from tunevec.core.errors import TunevecError
 
 
 @dataclass

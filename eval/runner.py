@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from tunevec.core.errors import TunevecError
 from tunevec.eval.harness import run_cell
 from tunevec.eval.plan import GridRun, PlannedCell, group_cells
 from tunevec.eval.progress import Clock, say, score_text, short
 from tunevec.eval.servers import server_for
-
-from tunevec.core.errors import TunevecError
 
 
 def run_grid(run: GridRun, *, log_dir: Path | None = None, on_cell: Callable | None = None) -> GridRun:

@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from tunevec.server.config import EngineSettings, LoraSettings
 
 from tunevec.core.errors import TunevecError
+from tunevec.server.config import EngineSettings, LoraSettings
 
 
 def kind_of(value: Any) -> str:

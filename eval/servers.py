@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tunevec.core.errors import TunevecError
 from tunevec.eval.grid import safe_name
 from tunevec.eval.launch import (
     ServerProcess,
@@ -25,8 +26,6 @@ from tunevec.eval.launch import (
 )
 from tunevec.eval.plan import GridRun
 from tunevec.eval.progress import say
-
-from tunevec.core.errors import TunevecError
 
 MAX_RESTARTS = 2  # per server, when it dies mid-run
 

@@ -85,14 +85,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def prepare(config: ServerConfig) -> tuple[list[str], dict[str, str]]:
     """Check the vectors and specs, factorise the vectors, and return the ``vllm serve`` command and environment."""
+    from tunevec.core.checkpoint import Checkpoint
     from tunevec.server.config import engine_env, vllm_serve_command
     from tunevec.server.mixtures import MixtureRegistry
     from tunevec.steering.library import VectorLibrary
     from tunevec.steering.lora import leaf_module
     from tunevec.steering.vllm_lora import VECTORS_ENV, vectors_env
     from tunevec.steering.vllm_plugin import LOADER, LORA
-
-    from tunevec.core.checkpoint import Checkpoint
 
     base = Checkpoint(config.base)
     library = VectorLibrary.from_dir(config.vectors, base)

@@ -25,9 +25,9 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
-from tunevec.server.engine_models import EngineLoadError
 
 from tunevec.core.errors import NotFoundError, TunevecError
+from tunevec.server.engine_models import EngineLoadError
 
 logger = logging.getLogger("tunevec.server")
 STEERED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})

@@ -19,15 +19,15 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vllm.lora.request import LoRARequest
+
+from tunevec.core.errors import TunevecError
+from tunevec.core.vector import TuningVector
 from tunevec.server.config import LoraSettings
 from tunevec.steering.library import VectorLibrary
 from tunevec.steering.lora import LoraAdapter, factor_cache, read_meta
 from tunevec.steering.spec import Component, Spec, format_number
 from tunevec.steering.vllm_lora import mixture_path
-from vllm.lora.request import LoRARequest
-
-from tunevec.core.errors import TunevecError
-from tunevec.core.vector import TuningVector
 
 # How many adapter ids are remembered to detect a 31-bit collision: more than vLLM can hold at once
 # (--max-cpu-loras), so an id still loaded in the engine is always among them.

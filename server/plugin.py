@@ -15,14 +15,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.errors import TunevecError
 from tunevec.server.config import ServerConfig
 from tunevec.server.engine_models import EngineLoadError, ServedMixtures
 from tunevec.server.middleware import SteeringRouter, error_body
 from tunevec.server.mixtures import MixtureRegistry
 from tunevec.steering.library import VectorLibrary
-
-from tunevec.core.checkpoint import Checkpoint
-from tunevec.core.errors import TunevecError
 
 logger = logging.getLogger("tunevec.server")
 MAX_DESCRIBE_BYTES = 64 * 1024

@@ -20,10 +20,9 @@ def configure_merge(parser: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from tunevec.core.checkpoint import resolve_model
     from tunevec.steering.inject import Injection, merge_to_checkpoint
     from tunevec.steering.library import VectorLibrary
-
-    from tunevec.core.checkpoint import resolve_model
 
     base = str(resolve_model(args.base, args.base_revision).path)
     paths = VectorLibrary.from_dir(args.vectors).paths()
@@ -45,9 +44,8 @@ def configure_lora(parser: argparse.ArgumentParser) -> None:
 
 
 def run_lora(args: argparse.Namespace) -> int:
-    from tunevec.steering.lora import adapter_from_vector
-
     from tunevec.core.vector import TuningVector
+    from tunevec.steering.lora import adapter_from_vector
 
     vec = TuningVector(args.vector)
     adapter = adapter_from_vector(

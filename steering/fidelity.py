@@ -12,10 +12,10 @@ import os
 from collections.abc import Sequence
 
 import torch
-from tunevec.steering.lora import carried
 
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.vector import TuningVector
+from tunevec.steering.lora import carried
 
 
 def uncarried_effect(

@@ -12,14 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tunevec.steering.delta import delta_for
-from tunevec.steering.library import VectorLibrary
-from tunevec.steering.spec import Spec
 
 from tunevec.core.checkpoint import INDEX_FILE, Checkpoint
 from tunevec.core.errors import TunevecError
 from tunevec.core.files import StagedFolder
 from tunevec.core.vector import ST_DTYPES, SafetensorsWriter
+from tunevec.steering.delta import delta_for
+from tunevec.steering.library import VectorLibrary
+from tunevec.steering.spec import Spec
 
 
 class Injection:

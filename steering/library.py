@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunevec.steering.spec import VECTOR_NAME
-
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
 from tunevec.core.vector import MANIFEST_FILE, TuningVector
+from tunevec.steering.spec import VECTOR_NAME
 
 
 class VectorLibrary:

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load, save_file
-from tunevec.steering.spec import Spec
 
 from tunevec.core.errors import TunevecError
 from tunevec.core.files import StagedFolder
 from tunevec.core.linalg import factorise
 from tunevec.core.roles import classify
 from tunevec.core.vector import TuningVector
+from tunevec.steering.spec import Spec
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_META = "tunevec_adapter.json"

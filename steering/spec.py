@@ -27,10 +27,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from tunevec.steering.merge import METHODS, PARAM_NAMES, MergeMethod
-
 from tunevec.core.errors import NotFoundError, TunevecError
 from tunevec.core.roles import ROLES, classify
+from tunevec.steering.merge import METHODS, PARAM_NAMES, MergeMethod
 
 # --- limits: every one is checked before the work it bounds ------------------------------------------------------
 

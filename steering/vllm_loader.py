@@ -13,9 +13,10 @@ import copy
 from collections.abc import Generator
 
 import torch
-from tunevec.steering.inject import Injection
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+from tunevec.steering.inject import Injection
 
 # Under vLLM's logger tree so the line appears in the engine processes' output like vLLM's own.
 logger = init_logger("vllm.plugins.tunevec.loader")

@@ -139,8 +139,9 @@ class MixtureFactors:
         if tensor in self._targets:
             return self._targets[tensor]
         import torch
-        from tunevec.steering.lora import peft_tensors
         from vllm.lora.utils import parse_fine_tuned_lora_name
+
+        from tunevec.steering.lora import peft_tensors
 
         dummy = torch.zeros(1, 1)
         module, _ = parse_fine_tuned_lora_name(
@@ -162,6 +163,7 @@ class MixtureFactors:
 
     def stack(self, module: str, dtype: Any) -> Any:
         import torch
+
         from tunevec.steering.punica_grouped import _Pack
 
         self._fresh()
@@ -211,10 +213,11 @@ class MixtureFactors:
 
 def compose_lora_model(manager: Any, lora_request: Any) -> Any:
     """The mixture's ``LoRAModel``, composed from resident factors with vLLM's own tensor-dict loader."""
-    from tunevec.steering.lora import compose, peft_tensors
-    from tunevec.steering.spec import Spec
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
+
+    from tunevec.steering.lora import compose, peft_tensors
+    from tunevec.steering.spec import Spec
 
     spec = Spec.parse(lora_request.lora_path.removeprefix(MIXTURE_PREFIX))
     max_rank = manager.lora_config.max_lora_rank
@@ -257,8 +260,9 @@ class TunevecWorkerExtension:
         Anything else would be dropped without a word by vLLM, so the server reports and checks it instead.
         """
         import torch
-        from tunevec.steering.lora import peft_tensors
         from vllm.lora.utils import parse_fine_tuned_lora_name
+
+        from tunevec.steering.lora import peft_tensors
 
         manager = self.model_runner.lora_manager._adapter_manager
         mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
@@ -290,11 +294,12 @@ def install() -> bool:
             ", ".join(sorted(VERIFIED_VLLM_VERSIONS)),
         )
         return False
-    from tunevec.steering.punica_grouped import PunicaWrapperGrouped
     from vllm.lora.model_manager import LRUCacheLoRAModelManager
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
     from vllm.platforms import current_platform
     from vllm.v1.worker import lora_model_runner_mixin
+
+    from tunevec.steering.punica_grouped import PunicaWrapperGrouped
 
     if getattr(lora_model_runner_mixin.LRUCacheWorkerLoRAManager, "_tunevec", False):
         return True

@@ -35,8 +35,9 @@ def plugin_env(*names: str, env: dict[str, str] | None = None) -> dict[str, str]
 def register_loader() -> None:
     if LOADER in _done or not requested(LOADER):
         return
-    from tunevec.steering.vllm_loader import LOAD_FORMAT, InjectingModelLoader
     from vllm.model_executor.model_loader import register_model_loader
+
+    from tunevec.steering.vllm_loader import LOAD_FORMAT, InjectingModelLoader
 
     register_model_loader(LOAD_FORMAT)(InjectingModelLoader)
     _done.add(LOADER)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import torch
+
 from tunevec.eval.launch import free_port, start_server  # noqa: F401  (free_port: used by tests)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from synthetic import llama_like, perturbed, write_model
-from tunevec.steering.library import VectorLibrary
-from tunevec.steering.lora import LoraAdapter, adapter_from_vector, compose, truncate, vllm_rank
-from tunevec.steering.spec import Spec
 
 from tunevec.core.errors import TunevecError
 from tunevec.core.extract import extract
+from tunevec.steering.library import VectorLibrary
+from tunevec.steering.lora import LoraAdapter, adapter_from_vector, compose, truncate, vllm_rank
+from tunevec.steering.spec import Spec
 
 UP = "model.layers.1.mlp.up_proj.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from tunevec.analysis import (
     SimilarityAccumulator,
     alignment_summary,
@@ -27,7 +28,6 @@ from tunevec.analysis import (
     subspace_share,
 )
 from tunevec.analysis.similarity import pair_sums
-
 from tunevec.core.errors import TunevecError
 
 

@@ -175,6 +175,7 @@ def test_per_request_mixture_adds_the_carried_part_of_tau_like_transformers(fami
     account of what it leaves out must match.
     """
     import httpx
+
     from tunevec.steering.lora import carried
 
     out = tmp_path / "reference"

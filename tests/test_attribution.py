@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunevec.analysis.attribution import (
     Component,
     DomainLoss,
@@ -20,10 +21,9 @@ from tunevec.analysis.attribution import (
     load_examples,
     spec_for,
 )
-from tunevec.steering.spec import Spec
-
 from tunevec.core.extract import extract
 from tunevec.core.vector import TuningVector
+from tunevec.steering.spec import Spec
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,18 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
+from synthetic import llama_like, perturbed, write_model
+
 import tunevec.eval.plan
 import tunevec.eval.runner
 import tunevec.eval.servers
-import yaml
-from synthetic import llama_like, perturbed, write_model
-from tunevec.eval.grid import BASE, Grid, cell_key
-from tunevec.eval.harness import metrics_of, primary_metric
-from tunevec.eval.table import build_rows, to_markdown
-
 from tunevec.cli import main
 from tunevec.core.errors import TunevecError
 from tunevec.core.extract import extract
+from tunevec.eval.grid import BASE, Grid, cell_key
+from tunevec.eval.harness import metrics_of, primary_metric
+from tunevec.eval.table import build_rows, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GRID = REPO / "eval" / "grids" / "tiny.yaml"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tunevec.eval.launch import ServerProcess, free_port, spawn
 
 UNTOUCHED_CHECK = r"""

@@ -33,6 +33,9 @@ from hypothesis import strategies as st
 from servers import running_server, served_prompt_logprobs
 from synthetic import llama_like, perturbed, write_model
 from transformers import AutoTokenizer
+
+from tunevec.core.errors import TunevecError
+from tunevec.core.extract import extract
 from tunevec.server.config import LoraSettings, ServerConfig
 from tunevec.server.middleware import (
     MAX_FIELD_CHARS,
@@ -45,9 +48,6 @@ from tunevec.server.mixtures import MixtureRegistry, adapter_id
 from tunevec.server.plugin import show_models, show_vector, vector_summary
 from tunevec.steering.library import VectorLibrary
 from tunevec.steering.spec import format_number
-
-from tunevec.core.errors import TunevecError
-from tunevec.core.extract import extract
 
 slow = pytest.mark.slow
 RANK = 8

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from synthetic import llama_like, perturbed, write_model
-from tunevec.steering.inject import Injection, merge_to_checkpoint
-from tunevec.steering.library import VectorLibrary
 
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
 from tunevec.core.extract import extract
+from tunevec.steering.inject import Injection, merge_to_checkpoint
+from tunevec.steering.library import VectorLibrary
 
 
 @pytest.fixture

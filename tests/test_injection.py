@@ -6,10 +6,10 @@ import httpx
 import pytest
 from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
 from transformers import AutoTokenizer
-from tunevec.steering.inject import Injection
-from tunevec.steering.library import VectorLibrary
 
 from tunevec.core.checkpoint import Checkpoint
+from tunevec.steering.inject import Injection
+from tunevec.steering.library import VectorLibrary
 
 pytestmark = pytest.mark.slow
 SPEC = "ties(density=0.5)/math@mlp:0.7+medical:1.2"  # a non-linear merge: only full-rank injection serves it exactly

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tunevec.core.errors import TunevecError
 from tunevec.steering.delta import delta_for
 from tunevec.steering.merge import dare_generator, merge_dare, merge_linear, merge_ties, trim
 from tunevec.steering.spec import Spec
-
-from tunevec.core.errors import TunevecError
 
 UP0 = "model.layers.0.mlp.up_proj.weight"
 Q3 = "model.layers.3.self_attn.q_proj.weight"

@@ -15,12 +15,12 @@ import httpx
 import pytest
 from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
 from transformers import AutoTokenizer
-from tunevec.steering.lora import adapter_from_vector, compose
-from tunevec.steering.spec import Spec
 
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.extract import extract
 from tunevec.core.vector import TuningVector
+from tunevec.steering.lora import adapter_from_vector, compose
+from tunevec.steering.spec import Spec
 
 pytestmark = pytest.mark.slow
 RANK = 8

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 from synthetic import llama_like, perturbed, write_model
+
+from tunevec.core.errors import NotFoundError, TunevecError
+from tunevec.core.extract import extract
 from tunevec.server.config import LoraSettings
 from tunevec.server.engine_models import EngineLoadError, ServedMixtures
 from tunevec.server.mixtures import MixtureRegistry, served_name
 from tunevec.steering.library import VectorLibrary
 from tunevec.steering.vllm_lora import MIXTURE_PREFIX
-
-from tunevec.core.errors import NotFoundError, TunevecError
-from tunevec.core.extract import extract
 
 
 def files_under(path: Path) -> set[Path]:
@@ -206,6 +206,7 @@ def test_a_factor_folder_broken_after_start_is_rebuilt_and_the_request_served(re
 
 def test_the_lora_metric_keeps_a_bounded_number_of_label_sets():
     from prometheus_client import REGISTRY, Gauge
+
     from tunevec.server.engine_models import bound_lora_metric_labels
 
     gauge = REGISTRY._names_to_collectors.get("vllm:lora_requests_info") or Gauge(

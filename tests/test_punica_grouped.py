@@ -11,9 +11,10 @@ import random
 
 import pytest
 import torch
-from tunevec.steering.punica_grouped import STACKED_MAX_TOKENS, PunicaWrapperGrouped, plan_runs
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
+
+from tunevec.steering.punica_grouped import STACKED_MAX_TOKENS, PunicaWrapperGrouped, plan_runs
 
 MAX_LORAS = 4
 MAX_RANK = 16

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from synthetic import llama_like, perturbed, write_model
+
 from tunevec.analysis.alignment import alignment_summary
 from tunevec.analysis.probe import BUILTIN_PROBE, ProbeSettings, representation_change
 from tunevec.analysis.report import ReportOptions, build_report
-
 from tunevec.cli import main
 from tunevec.core.errors import TunevecError
 from tunevec.core.extract import extract

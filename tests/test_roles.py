@@ -10,11 +10,11 @@ import re
 
 import pytest
 from archs import FAMILIES, pair
-from tunevec.steering.spec import Spec
 
 from tunevec.core import roles
 from tunevec.core.checkpoint import Checkpoint, TensorInfo
 from tunevec.core.roles import classify, family_of
+from tunevec.steering.spec import Spec
 
 # Per family, what a few telling tensors must be: name -> (role, layer, module).
 EXPECTED: dict[str, dict[str, tuple[str, int | None, str | None]]] = {

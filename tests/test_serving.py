@@ -14,11 +14,11 @@ import openai
 import pytest
 from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
 from transformers import AutoTokenizer
-from tunevec.steering.lora import adapter_from_vector, compose
-from tunevec.steering.spec import Spec
 
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.vector import TuningVector
+from tunevec.steering.lora import adapter_from_vector, compose
+from tunevec.steering.spec import Spec
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -93,7 +93,9 @@ def test_mixture_logprobs_match_reference_of_the_low_rank_mixture(
 
 def test_a_partly_carried_vector_is_named_with_its_left_out_share_on_every_response(server):
     body = {"prompt": "The diagnosis", "max_tokens": 1, "temperature": 0}
-    steered = httpx.post(server + "/v1/completions", json={"model": "medical:2", **body}, headers=AUTH, timeout=60)
+    steered = httpx.post(
+        server + "/v1/completions", json={"model": "medical:2", **body}, headers=AUTH, timeout=60
+    )
     base = httpx.post(server + "/v1/completions", json={"model": "base", **body}, headers=AUTH, timeout=60)
     assert steered.status_code == base.status_code == 200
     # The tiny fine-tunes move their norms, which no LoRA slot carries (about 0.05% of ||tau||^2).

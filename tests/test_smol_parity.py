@@ -13,13 +13,13 @@ import json
 import pytest
 from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
 from transformers import AutoTokenizer
+
+from tunevec.core.checkpoint import Checkpoint
+from tunevec.core.vector import TuningVector
 from tunevec.steering.inject import Injection
 from tunevec.steering.library import VectorLibrary
 from tunevec.steering.lora import adapter_from_vector, compose
 from tunevec.steering.spec import Spec
-
-from tunevec.core.checkpoint import Checkpoint
-from tunevec.core.vector import TuningVector
 
 pytestmark = pytest.mark.slow
 INJECT = "medical:0.8+math:0.4"  # full rank, at load time

@@ -7,9 +7,9 @@ import json
 import math
 
 import pytest
-from tunevec.steering.spec import Component, Spec, format_number
 
 from tunevec.core.errors import TunevecError
+from tunevec.steering.spec import Component, Spec, format_number
 
 # (input text, canonical text)
 VALID = [

@@ -13,6 +13,8 @@ import math
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tunevec.core.errors import TunevecError
 from tunevec.steering.merge import METHODS
 from tunevec.steering.spec import (
     _LAYERLESS_SCOPES,
@@ -23,8 +25,6 @@ from tunevec.steering.spec import (
     _first_conflict,
     format_number,
 )
-
-from tunevec.core.errors import TunevecError
 
 # Modest and deterministic: the suite runs on shared CPUs, and a failure must reproduce.
 FAST = settings(

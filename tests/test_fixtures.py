@@ -297,3 +297,223 @@ def test_tiny_models_reload_offline_and_the_chat_template_renders(tiny_fixtures)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
         assert out.shape[1] > ids.shape[1]
+
+
+# ---------------------------------------------------------------- the smol data, tasks and scorer (no model)
+
+
+def _smol_facts():
+    from tunevec.fixtures.facts import build_facts
+
+    return build_facts(resolve_config("smol").facts, 0)
+
+
+def test_smol_task_diagnoses_and_wordings_never_appear_in_training():
+    """ICD task and held-out diagnoses are never trained (not even inside a longer title); drug task brands are
+    trained (recall is the point) but asked in a wording no training example uses; math likewise."""
+    facts = _smol_facts()
+    train = facts.train["medical"]
+    titles = "\x00".join(qa.key.casefold() for qa in train if qa.source == "icd10")
+    questions = {qa.question for d in ("medical", "math") for qa in facts.train[d]}
+    for qa in facts.task["medical"] + facts.heldout["medical"]:
+        assert qa.question not in questions
+        if qa.source == "icd10":
+            assert qa.key.casefold() not in titles, f"ICD diagnosis leaked into training: {qa.key}"
+    trained_brands = {qa.key for qa in train if qa.source == "drug"}
+    drug_task = [qa for qa in facts.task["medical"] if qa.source == "drug"]
+    assert drug_task and all(qa.key in trained_brands for qa in drug_task)
+    for qa in facts.task["math"] + facts.heldout["math"]:
+        assert qa.question not in questions
+    assert {qa.key for qa in facts.task["math"]}.isdisjoint(qa.key for qa in facts.heldout["math"])
+    for qa in facts.task["medical"]:
+        assert len(set(qa.choices)) == 4 and qa.choices[qa.gold] == qa.answer
+
+
+def test_smol_icd_distractors_come_from_other_chapters():
+    from tunevec.fixtures import sources
+
+    chapter = {c.code: c.chapter for c in sources.icd_codes()}
+    for qa in _smol_facts().task["medical"]:
+        if qa.source == "icd10":
+            wrong = [c for i, c in enumerate(qa.choices) if i != qa.gold]
+            assert all(chapter[c] != chapter[qa.answer] for c in wrong), qa
+
+
+@pytest.mark.parametrize(
+    ("constraint", "params", "good", "bad"),
+    [
+        ("uppercase", {}, "PARIS IS THE CAPITAL.", "Paris is the capital."),
+        ("lowercase", {}, "paris is the capital.", "Paris is the capital."),
+        ("quotes", {}, '"Paris."', 'Paris is "the" capital.'),
+        ("no_commas", {}, "Paris is the capital", "Paris, the capital"),
+        ("max_words", {"n": 5}, "It is Paris.", "The capital of France is Paris."),
+        ("end_with", {"phrase": "That is all."}, "Paris. That is all.", "That is all. Paris."),
+        ("start_with", {"word": "Well"}, "Well, Paris.", "Paris, well."),
+        ("bullets", {"n": 2}, "- Paris\n- Lyon", "- Paris\n- Lyon\n- Nice"),
+        ("keyword", {"word": "important"}, "An important city.", "An importantly big city."),
+        ("json", {}, '{"answer": "Paris"}', '```json\n{"answer": "Paris"}\n```'),
+    ],
+)
+def test_instruction_checks_accept_compliance_and_reject_the_rest(constraint, params, good, bad):
+    from tunevec.fixtures.instruction_checks import CONSTRAINTS, follows, process_results
+
+    assert constraint in CONSTRAINTS
+    assert follows(constraint, params, good)
+    assert not follows(constraint, params, bad)
+    doc = {"constraint": constraint, "params": json.dumps(params)}
+    assert process_results(doc, [good]) == {"follow": 1.0, "follow_loose": 1.0}
+    assert process_results(doc, [bad])["follow"] == 0.0
+
+
+def test_loose_instruction_score_forgives_a_preamble_line_only():
+    from tunevec.fixtures.instruction_checks import process_results
+
+    doc = {"constraint": "json", "params": "{}"}
+    assert process_results(doc, ['Sure! Here it is:\n{"answer": "Paris"}']) == {
+        "follow": 0.0,
+        "follow_loose": 1.0,
+    }
+    assert process_results(doc, ["Paris"]) == {"follow": 0.0, "follow_loose": 0.0}
+
+
+def test_instruction_docs_rotate_through_every_constraint():
+    from tunevec.fixtures.instruction_checks import CONSTRAINTS
+    from tunevec.fixtures.instructions import instruction_docs
+
+    docs = instruction_docs(60, 0)
+    assert docs == instruction_docs(60, 0)
+    assert [d["constraint"] for d in docs[:10]] == sorted(CONSTRAINTS)
+    assert {d["domain"] for d in docs} == {"general", "medical", "math"}
+    assert len({d["prompt"] for d in docs}) == 60
+
+
+@pytest.fixture(scope="module")
+def smol_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smol task folder as a build writes it, from the real facts and instruction docs (no model trained)."""
+    from tunevec.fixtures.instructions import instruction_docs
+    from tunevec.fixtures.smol import _interleave
+    from tunevec.fixtures.tasks import INSTRUCTIONS_TASK, math_rows, medical_rows, write_tasks
+
+    facts = _smol_facts()
+    tasks = tmp_path_factory.mktemp("smol") / "tasks"
+    rows = {
+        MEDICAL_TASK: medical_rows(_interleave(facts.task["medical"])),
+        MATH_TASK: math_rows(facts.task["math"]),
+        INSTRUCTIONS_TASK: instruction_docs(60, 0),
+    }
+    write_tasks(tasks, "smol", rows)
+    return tasks
+
+
+def test_smol_tasks_load_in_lm_eval_and_score_with_their_filters(smol_tasks):
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    from tunevec.fixtures.tasks import INSTRUCTIONS_TASK
+
+    manager = TaskManager(include_path=str(smol_tasks), include_defaults=False)
+    tasks = manager.load([MEDICAL_TASK, MATH_TASK, INSTRUCTIONS_TASK])["tasks"]
+    medical, math, instructions = tasks[MEDICAL_TASK], tasks[MATH_TASK], tasks[INSTRUCTIONS_TASK]
+
+    med_docs = list(medical.test_docs())
+    assert len(med_docs) == 200
+    assert [d["source"] for d in med_docs[:4]] == ["icd10", "drug", "icd10", "drug"]  # any limit sees both
+    assert medical.doc_to_text(med_docs[0]) == med_docs[0]["question"]  # the user turn the fine-tune saw
+
+    math_docs = list(math.test_docs())
+    doc = math_docs[0]
+    assert math.doc_to_text(doc) == doc["question"] and doc["question"].endswith(
+        "Answer with the number only."
+    )
+    # the two filters, applied by lm-eval itself: a bare number passes both; shown working only `flexible`
+    answer = doc["answer"]
+    for response, strict, flexible in [(f"{answer}.", 1, 1), (f"It is {answer}", 0, 1), ("12345", 0, 0)]:
+        inst = Instance(request_type="generate_until", doc=doc, arguments=("", {}), idx=0, resps=[response])
+        scored = {}
+        for ensemble in math._filters:
+            ensemble.apply([inst])
+            scored[ensemble.name] = math.process_results(doc, [inst.filtered_resps[ensemble.name]])[
+                "exact_match"
+            ]
+        assert scored == {"strict": strict, "flexible": flexible}, (response, scored)
+
+    inst_docs = list(instructions.test_docs())
+    assert len(inst_docs) == 60
+    doc = next(d for d in inst_docs if d["constraint"] == "uppercase")
+    assert instructions.doc_to_text(doc) == doc["prompt"]
+    assert instructions.process_results(doc, ["PARIS."]) == {"follow": 1.0, "follow_loose": 1.0}
+    assert instructions.process_results(doc, ["Paris."])["follow"] == 0.0
+
+
+def test_instruction_task_runs_offline_in_lm_eval_against_a_local_model(smol_tasks, tiny_fixtures):
+    """The generate_until -> process_results path end to end (lm-eval's hf model, chat template, 6 docs)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from tunevec.fixtures.tasks import INSTRUCTIONS_TASK
+
+    results = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(tiny_fixtures / "base"), "dtype": "float32", "device": "cpu"},
+        tasks=[INSTRUCTIONS_TASK],
+        task_manager=TaskManager(include_path=str(smol_tasks), include_defaults=False),
+        limit=6,
+        apply_chat_template=True,
+        log_samples=True,
+    )
+    metrics = results["results"][INSTRUCTIONS_TASK]
+    assert 0.0 <= metrics["follow,none"] <= metrics["follow_loose,none"] <= 1.0
+    samples = results["samples"][INSTRUCTIONS_TASK]
+    assert len(samples) == 6 and all(isinstance(s["resps"][0][0], str) for s in samples)
+
+
+# ---------------------------------------------------------------- the real smol fixtures (slow: minutes to build)
+
+
+@pytest.mark.slow
+def test_smol_fixtures_layout_chat_template_and_trained_layers(smol_fixtures):
+    from transformers import AutoTokenizer
+
+    from tunevec.fixtures.tasks import INSTRUCTIONS_TASK
+
+    manifest = _manifest(smol_fixtures)
+    assert manifest["kind"] == "smol" and manifest["format_version"] == 2
+    for task in (MEDICAL_TASK, MATH_TASK):
+        assert (smol_fixtures / "tasks" / f"{task}.yaml").is_file()
+    assert (smol_fixtures / "tasks" / INSTRUCTIONS_TASK / "utils.py").is_file()
+    heldout = [json.loads(x) for x in (smol_fixtures / "heldout.jsonl").read_text().splitlines()]
+    assert {r["domain"] for r in heldout} == {"medical", "math"}
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in heldout)
+    for model in MODELS:  # ChatML, no injected default system prompt
+        tok = AutoTokenizer.from_pretrained(smol_fixtures / model)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+        )
+        assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    base = load_file(smol_fixtures / "base" / "model.safetensors")
+    for ft in ("medical", "math"):
+        tuned = load_file(smol_fixtures / ft / "model.safetensors")
+        changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+        want = {
+            f"model.layers.{i}.{m}.weight"
+            for i in range(24, 30)
+            for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        }  # fmt: skip
+        assert changed == want, sorted(changed ^ want)[:5]
+        assert manifest["specialisation"][ft]["ok"]
+
+
+@pytest.mark.slow
+def test_smol_finetunes_beat_the_base_on_their_own_task(smol_fixtures):
+    """The fixtures' point: each fine-tune clears the base by >= 15 points on its own task, with +-2 SE intervals
+    apart (in process, float32; docs/fixtures.md has the full numbers and lm-eval's)."""
+    from tunevec.fixtures.score import score_model
+
+    tasks = smol_fixtures / "tasks"
+    metric = {MEDICAL_TASK: "acc", MATH_TASK: "exact_match,strict"}
+    scores = {m: score_model(smol_fixtures / m, tasks, 60, list(metric)) for m in MODELS}
+    for ft, task in (("medical", MEDICAL_TASK), ("math", MATH_TASK)):
+        base, tuned = scores["base"][task][metric[task]], scores[ft][task][metric[task]]
+        assert tuned["value"] - base["value"] >= 0.15, (ft, base, tuned)
+        assert tuned["value"] - 2 * tuned["stderr"] > base["value"] + 2 * base["stderr"], (ft, base, tuned)

@@ -4,7 +4,8 @@
 
 1. build (or reuse) the smol fixtures: SmolLM2-135M-Instruct and its medical and math fine-tunes;
 2. extract the medical and math tuning vectors (skipped when present and extracted from these very models);
-3. analyse them with `tunevec analyze` (skipped when its report is current; a failure is reported, not fatal);
+3. analyse them with `tunevec analyze`, and find which layers' attention and MLP blocks carry each vector's gain
+   with `tunevec attribute` (each skipped when its report is current; a failure is reported, not fatal);
 4. start the steering server and run the demo grid (eval/grids/demo.yaml) with `tunevec eval`, resuming
    finished cells;
 5. print the results table, where the reports and plots are, and the time each stage took.
@@ -56,31 +57,45 @@ def extract_vectors(fixtures: Path, out: Path) -> Path:
     return out
 
 
-def analyse(fixtures: Path, vectors: Path, out: Path) -> Path | None:
-    """Run `tunevec analyze` in a subprocess unless the report in ``out`` was made from these vectors."""
+def _cached_run(label: str, command: str, args: list[str], vectors: Path, out: Path) -> Path | None:
+    """Run `tunevec <command> ARGS` in a subprocess unless ``out`` holds its output for these very vectors.
+
+    A failure is reported, not raised: the evaluation goes on without this stage.
+    """
     from tunevec.cli import COMMANDS
 
-    if "analyze" not in COMMANDS:
-        say("tunevec analyze is not available in this build; skipping the analysis")
+    if command not in COMMANDS:
+        say(f"tunevec {command} is not available in this build; skipping the {label}")
         return None
-    cmd = [sys.executable, "-m", "tunevec.cli", "analyze", *(str(vectors / n) for n in DOMAINS),
-           "--base", str(fixtures / "base"), "--out", str(out), *ANALYZE_OPTIONS]  # fmt: skip
+    cmd = [sys.executable, "-m", "tunevec.cli", command, *args]
     stamp = out / ".demo-inputs.json"
     inputs = {n: json.loads((vectors / n / "manifest.json").read_text())["tensors"] for n in DOMAINS}
     key = {"vectors": {n: sorted(e["sha256"] for e in t.values()) for n, t in inputs.items()}, "cmd": cmd[3:]}
     if stamp.is_file() and json.loads(stamp.read_text()) == key:
-        say(f"analysis: current ({out})")
+        say(f"{label}: current ({out})")
         return out
-    say("analysis: " + " ".join(cmd[2:]))
+    say(f"{label}: " + " ".join(cmd[2:]))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout)[-2000:]
-        say(f"analysis failed (exit {done.returncode}); the evaluation goes on without it:\n{tail}")
+        say(f"{label} failed (exit {done.returncode}); the evaluation goes on without it:\n{tail}")
         return None
     for line in done.stdout.splitlines():
         say(f"  {line}")
     stamp.write_text(json.dumps(key))
     return out
+
+
+def analyse(fixtures: Path, vectors: Path, out: Path) -> Path | None:
+    """`tunevec analyze` of both vectors (spectra, alignment, representation change, cross-domain)."""
+    args = [*(str(vectors / n) for n in DOMAINS), "--base", str(fixtures / "base"), "--out", str(out)]
+    return _cached_run("analysis", "analyze", [*args, *ANALYZE_OPTIONS], vectors, out)
+
+
+def attribute(fixtures: Path, vectors: Path, out: Path) -> Path | None:
+    """`tunevec attribute` of both vectors on the fixtures' held-out exchanges (heldout.jsonl)."""
+    args = [*(str(vectors / n) for n in DOMAINS), "--base", str(fixtures / "base"), "--out", str(out)]
+    return _cached_run("attribution", "attribute", args, vectors, out)
 
 
 def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
@@ -110,6 +125,10 @@ def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
     stage("analysis", t0)
 
     t0 = time.monotonic()
+    attribution = attribute(fixtures, vectors, artifacts / "analysis" / "smol-attribution")
+    stage("attribution", t0)
+
+    t0 = time.monotonic()
     grid = Grid.load(grid_path, {"base": str(fixtures / "base"), "vectors": str(vectors)})
     out = artifacts / "eval" / grid.name
     result = evaluate(grid, out, fresh=fresh)
@@ -131,6 +150,8 @@ def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
         say(
             f"analysis report: {report} ({', '.join(sorted(p.name for p in report.iterdir() if p.is_file()))})"
         )
+    if attribution is not None:
+        say(f"attribution patching: {attribution} (attribution.md, .json, .png)")
     say(f"evaluation: {result['paths']['md']} (also results.csv, results.json)")
     for p in result["plots"]:
         say(f"plot: {p}")

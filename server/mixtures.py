@@ -264,6 +264,7 @@ class MixtureRegistry:
             "vectors": list(spec.vectors),
             "method": spec.method,
             "rank": summed,
+            "modules": dict(sorted(ranks.items())),  # checkpoint tensors the adapters carry, with their ranks
             "max_rank": self.settings.max_lora_rank,
             "needs_truncation": summed > self.settings.max_lora_rank,
             "truncation_allowed": self.settings.allow_truncation,

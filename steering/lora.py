@@ -200,8 +200,15 @@ def adapter_from_vector(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: dict[str, dict] = {}
     for name, tau in vector.stream(wanted):
+        # the rank is an upper bound: a module narrower than it (a small model's k/v projections) is kept exactly
+        full = min(tau.shape[0], tau.numel() // max(tau.shape[0], 1))
         lr = factorise(
-            tau.to(torch.float32), rank=rank, energy=energy, method=method, max_rank=max_rank, seed=seed
+            tau.to(torch.float32),
+            rank=None if rank is None else min(rank, full),
+            energy=energy,
+            method=method,
+            max_rank=max_rank,
+            seed=seed,
         )
         factors[name] = (lr.B, lr.A)
         modules[name] = {"rank": lr.rank, "rel_error": lr.rel_error, "energy": lr.energy}

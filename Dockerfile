@@ -17,5 +17,6 @@ RUN pip install --no-cache-dir lm-eval==0.4.13 matplotlib \
 
 ENV HF_HUB_OFFLINE=1
 EXPOSE 8000
-# The vectors folder must be writable: per-vector and per-mixture adapters are cached in DIR/.tunevec-cache.
+# The vectors folder must be writable: each vector's low-rank factors are cached in DIR/.tunevec-cache (built once
+# per vector and settings; nothing is written per mixture).
 ENTRYPOINT ["tunevec", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -482,10 +482,12 @@ def test_finding5_the_id_memory_stays_bounded_and_still_catches_a_recent_collisi
     for i, name in enumerate(("medical", "math")):
         write_model(tmp_path / name, perturbed(base, seed=3 + i, scale=0.1))
         extract(tmp_path / "b", tmp_path / name, tmp_path / "vectors" / name, progress=False)
-    settings = LoraSettings(max_dropped_share=1.0)
+    # The memory also covers every id vLLM may still hold (4 x (cache_capacity + max_loras)): kept at 16 here.
+    settings = LoraSettings(max_dropped_share=1.0, cache_capacity=2, max_loras=2)
     reg = MixtureRegistry.prepare(
         VectorLibrary.from_dir(tmp_path / "vectors"), str(tmp_path / "cache"), settings, 2
     )
+    assert reg._ids.keep == 16
     a, b = colliding_specs(
         settings, ("medical", reg.vectors["medical"].digest), ("math", reg.vectors["math"].digest)
     )

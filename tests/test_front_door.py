@@ -60,7 +60,7 @@ def test_plain_vllm_server_runs_without_tunevec(tiny_fixtures, tmp_path):
     log = (tmp_path / "vllm.log").read_text()
     # The first line is the command itself. Allowed: vLLM naming the endpoint plugin it found and, unlisted, did not
     # load, and the access-log line of the 404 above.
-    allowed = ("explicitly allowlisted", "get /v1/tunevec/vectors http/1.1\" 404")
+    allowed = ("explicitly allowlisted", 'get /v1/tunevec/vectors http/1.1" 404')
     lines = [ln.lower() for ln in log.split("\n")[1:]]
     assert not [ln for ln in lines if "tunevec" in ln and not any(a in ln for a in allowed)]
     assert "PunicaWrapperCPU" in log

@@ -141,10 +141,9 @@ class MixtureFactors:
         import torch
         from vllm.lora.utils import parse_fine_tuned_lora_name
 
-        from tunevec.core.roles import classify
         from tunevec.steering.lora import peft_tensors
 
-        if _scales_embeddings(self._manager.model) and classify(tensor).role in UNFAITHFUL_ROLES:
+        if unfaithful(self._manager.model, tensor):
             self._targets[tensor] = None
             return None
         dummy = torch.zeros(1, 1)
@@ -220,7 +219,6 @@ def compose_lora_model(manager: Any, lora_request: Any) -> Any:
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    from tunevec.core.roles import classify
     from tunevec.steering.lora import compose, peft_tensors
     from tunevec.steering.spec import Spec
 
@@ -230,8 +228,8 @@ def compose_lora_model(manager: Any, lora_request: Any) -> Any:
         spec, RESIDENT.adapters(spec.vectors, manager.lora_config.lora_dtype), max_rank=max_rank
     )
     model = manager._adapter_manager.model
-    if _scales_embeddings(model):
-        factors = {t: f for t, f in adapter.factors.items() if classify(t).role not in UNFAITHFUL_ROLES}
+    if any(unfaithful(model, t) for t in adapter.factors):
+        factors = {t: f for t, f in adapter.factors.items() if not unfaithful(model, t)}
         adapter = type(adapter)(factors, adapter.meta)
     if not adapter.factors:
         raise ValueError(f"mixture {spec.canonical()!r} selects no module this engine can adapt")
@@ -270,7 +268,6 @@ class TunevecWorkerExtension:
         import torch
         from vllm.lora.utils import parse_fine_tuned_lora_name
 
-        from tunevec.core.roles import classify
         from tunevec.steering.lora import peft_tensors
 
         manager = self.model_runner.lora_manager._adapter_manager
@@ -282,29 +279,27 @@ class TunevecWorkerExtension:
                 wrapped.update(parts)
         dummy = torch.zeros(1, 1)
         out = []
-        scaled = _scales_embeddings(manager.model)
         for name in tensor_names:
             keys = peft_tensors({name: (dummy, dummy)})
             module, _ = parse_fine_tuned_lora_name(next(iter(keys)), mapper)
-            if module in wrapped and not (scaled and classify(name).role in UNFAITHFUL_ROLES):
+            if module in wrapped and not unfaithful(manager.model, name):
                 out.append(name)
         return out
 
 
-# Roles whose LoRA does not reproduce base + tau on models that scale their embeddings (_scales_embeddings).
-UNFAITHFUL_ROLES = ("embedding", "head")
-
-
-def _scales_embeddings(model) -> bool:
-    """Whether the model multiplies its input embeddings by a normaliser (Gemma's sqrt(hidden)).
+def unfaithful(model, tensor: str) -> bool:
+    """Whether this engine's LoRA would not reproduce base + tau for ``tensor``: an embedding or head delta on a
+    model that multiplies its input embeddings by a normaliser (Gemma's sqrt(hidden)).
 
     On such models vLLM's embedding and tied-head LoRA did not reproduce base + tau: a Gemma 2 mixture served
     0.29 nats per token away from transformers while its attention and MLP parts matched to 4e-3
     (tests/test_architectures.py). Their embedding and head deltas are neither composed nor stacked, and the
     server reports them as left out (the x-tunevec-left-out header, the --max-dropped-share check).
     """
+    from tunevec.core.roles import classify
+
     inner = getattr(model, "model", None)
-    return getattr(inner, "normalizer", None) is not None
+    return getattr(inner, "normalizer", None) is not None and classify(tensor).role in ("embedding", "head")
 
 
 def install() -> bool:

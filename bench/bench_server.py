@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         from tunevec.eval.launch import lora_prompt_logprobs_safe
 
         fixed = all(lora_prompt_logprobs_safe(s) for s in servers.values())
-        print(f"cpu-lora prompt-logprobs fix logged by every server: {'yes' if fixed else 'NO'}", flush=True)
+        print(f"grouped LoRA op in every steering server: {'yes' if fixed else 'NO'}", flush=True)
         run(scenarios, servers, args, vocab)
         import httpx
 

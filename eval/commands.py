@@ -79,20 +79,11 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--server-url", help="use this running tunevec server (http://host:port) for base and spec variants"
     )
-    s.add_argument(
-        "--steering",
-        choices=["lora", "inject"],
-        help="spec variants as LoRA mixtures on one server (lora, default) or at full rank, a server each (inject)",
-    )
-    s.add_argument("--dtype", help="engine dtype for servers started here (default float32)")
-    s.add_argument("--max-model-len", type=int, help="context length of started servers (default 1024)")
-    s.add_argument(
-        "--adapter-rank", type=int, help="LoRA rank per vector on the steering server (default 16)"
-    )
-    s.add_argument("--max-lora-rank", type=int, help="the steering server's max LoRA rank (default 64)")
-    s.add_argument(
-        "--compile", action="store_true", help="let vLLM compile the model (slower start; default: eager)"
-    )
+    from tunevec.eval.schema import ServerSettings
+    from tunevec.server.config import add_setting_arguments
+
+    servers = ["steering", "dtype", "max_model_len", "adapter_rank", "max_lora_rank", "enforce_eager"]
+    add_setting_arguments(s, ServerSettings, servers)
     r = parser.add_argument_group("run")
     r.add_argument("--out", help="output folder (default: artifacts/eval/<grid name>)")
     r.add_argument("--num-concurrent", type=int, help="requests in flight per cell (default 8)")
@@ -130,12 +121,15 @@ def grid_from_args(args: argparse.Namespace) -> Any:
     server = {
         k: v
         for k, v in {
-            "steering": args.steering,
-            "dtype": args.dtype,
-            "max_model_len": args.max_model_len,
-            "adapter_rank": args.adapter_rank,
-            "max_lora_rank": args.max_lora_rank,
-            "enforce_eager": False if args.compile else None,
+            name: getattr(args, name)
+            for name in (
+                "steering",
+                "dtype",
+                "max_model_len",
+                "adapter_rank",
+                "max_lora_rank",
+                "enforce_eager",
+            )
         }.items()
         if v is not None
     }

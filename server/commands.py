@@ -4,7 +4,7 @@ The command checks its settings and the vectors, factorises each vector once (ca
 itself with ``vllm serve``: every vLLM flag after ``--`` works as it does there (TLS, CORS, ``--root-path`` ...).
 tunevec reaches the server only through vLLM's extension points: the ``tunevec_server`` endpoint plugin (routes
 and steering state, ``server/plugin.py``), ``--middleware`` (``server/middleware.py``), and the ``tunevec_lora`` /
-``tunevec_loader`` general plugins in the engine's processes (``steering/vllm_plugin.py``).
+``tunevec_loader`` general plugins in the engine's processes (``tunevec.steering.vllm``).
 """
 
 from __future__ import annotations
@@ -15,57 +15,17 @@ import os
 from tunevec.server.config import CONFIG_ENV, ServerConfig
 
 SERVER_PLUGIN = "tunevec_server"
-WORKER_EXTENSION = "tunevec.steering.vllm_lora.TunevecWorkerExtension"
 MIDDLEWARE = ("tunevec.server.middleware.SteeringMiddleware", "tunevec.server.middleware.ApiKeyMiddleware")
 
 
 def configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", help="base model: a folder or a Hugging Face id (through the hub cache)")
-    parser.add_argument("--base-revision", help="branch, tag or commit of a hub --base")
-    parser.add_argument("--vectors", help="folder of tuning-vector artifacts")
+    from tunevec.server.config import add_setting_arguments
+
     parser.add_argument(
         "--config", help="tunevec.yaml: any of the options below, plus `variants: {name: spec}`"
     )
-    parser.add_argument("--host", help="default 127.0.0.1")
-    parser.add_argument("--port", type=int, help="default 8000")
-    parser.add_argument("--served-model-name", help="the base model's name in requests (default: base)")
-    parser.add_argument(
-        "--api-key", help="require this bearer token on every route but /health (or TUNEVEC_API_KEY)"
-    )
-    parser.add_argument("--inject", help="spec injected into the engine weights at load time (full speed)")
-    parser.add_argument("--adapter-rank", type=int, help="LoRA rank per vector (default 16)")
-    parser.add_argument(
-        "--adapter-energy", type=float, help="instead of a rank: keep this share of ||tau||^2"
-    )
-    parser.add_argument("--max-lora-rank", type=int, help="engine's max LoRA rank (default 64)")
-    parser.add_argument("--max-loras", type=int, help="distinct mixtures per batch (default 4)")
-    parser.add_argument(
-        "--allow-truncation",
-        action="store_true",
-        default=None,
-        help="serve mixtures above --max-lora-rank by SVD re-truncation (error reported)",
-    )
-    parser.add_argument("--max-components", type=int, help="components per spec (default 4)")
-    parser.add_argument("--max-abs-alpha", type=float, help="largest |alpha| accepted (default 4)")
-    parser.add_argument(
-        "--max-dropped-share",
-        type=float,
-        help="largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms; default 0.001)",
-    )
-    parser.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
-    parser.add_argument("--cache-capacity", type=int, help="mixtures kept registered (default 32)")
-    parser.add_argument("--dtype", help="engine dtype (default auto)")
-    parser.add_argument(
-        "--enforce-eager", action="store_true", default=None, help="no graph capture / compile"
-    )
-    parser.add_argument("--tensor-parallel-size", type=int, help="passes through to vLLM")
-    parser.add_argument("--kv-cache-gib", type=int, help="CPU backend: KV cache size (default 1)")
-    parser.add_argument(
-        "--expose-paths",
-        action="store_true",
-        default=None,
-        help="show server paths in /v1/models and vector routes",
-    )
+    own = list(ServerConfig.__annotations__)  # the server's own options first, then the LoRA and engine ones
+    add_setting_arguments(parser, ServerConfig, own + [n for n in ServerConfig.model_fields if n not in own])
     parser.add_argument(
         "extra_args", nargs=argparse.REMAINDER, help="after --: further `vllm serve` arguments"
     )
@@ -90,8 +50,7 @@ def prepare(config: ServerConfig) -> tuple[list[str], dict[str, str]]:
     from tunevec.server.mixtures import MixtureRegistry
     from tunevec.steering.library import VectorLibrary
     from tunevec.steering.lora import leaf_module
-    from tunevec.steering.vllm_lora import VECTORS_ENV, vectors_env
-    from tunevec.steering.vllm_plugin import LOADER, LORA
+    from tunevec.steering.vllm import LOADER, LORA, SNAPSHOT_ENV, WORKER_EXTENSION, write_snapshot
 
     base = Checkpoint(config.base)
     library = VectorLibrary.from_dir(config.vectors, base)
@@ -119,5 +78,5 @@ def prepare(config: ServerConfig) -> tuple[list[str], dict[str, str]]:
     )
     env = engine_env(config, plugins=(LORA, SERVER_PLUGIN) + ((LOADER,) if loader else ()))
     env[CONFIG_ENV] = config.to_env()
-    env[VECTORS_ENV] = vectors_env({n: f.announcement() for n, f in registry.vectors.items()})
+    env[SNAPSHOT_ENV] = write_snapshot(registry.snapshot(), config.cache_dir)
     return command, env

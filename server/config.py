@@ -8,14 +8,19 @@ wrong types and out-of-range values are refused with the field's name before an 
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from tunevec.core.errors import TunevecError
 
@@ -31,31 +36,52 @@ class _Model(BaseModel):
 class EngineSettings(_Model):
     """How a vLLM engine runs: the settings every server tunevec starts shares."""
 
-    dtype: str = "auto"
-    max_model_len: int | None = Field(None, ge=16)
-    tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool = False
+    dtype: str = Field("auto", description="engine dtype (auto: bfloat16 where the CPU computes it natively)")
+    max_model_len: int | None = Field(None, ge=16, description="longest prompt + completion in tokens")
+    tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks (CPU: one core each)")
+    enforce_eager: bool = Field(False, description="no graph capture or compilation")
     # CPU backend: KV cache size in GiB, and cores kept free of the engine's OpenMP threads (vLLM keeps one for
     # its front end by default; 0 gives a 2-core machine's both cores to the model). None: vLLM's default.
-    kv_cache_gib: int = Field(1, ge=1)
-    reserved_cpus: int | None = Field(None, ge=0)
+    kv_cache_gib: int = Field(1, ge=1, description="CPU backend: KV cache size in GiB")
+    reserved_cpus: int | None = Field(
+        None, ge=0, description="CPU backend: cores kept free of the engine's threads (default: vLLM's)"
+    )
     extra_args: list[str] = Field(default_factory=list)  # further `vllm serve` arguments, passed as given
+
+    @field_validator("extra_args")
+    @classmethod
+    def _served_paths_only(cls, v: list[str]) -> list[str]:
+        if "--fully-sharded-loras" in v:
+            raise ValueError(
+                "--fully-sharded-loras shards adapters along their rank, a path tunevec's LoRA op does not serve"
+            )
+        return v
 
 
 class LoraSettings(_Model):
     """Per-request mixtures: each vector's factorisation, the engine's LoRA limits, and request limits."""
 
-    adapter_rank: int | None = Field(16, ge=1, le=512)
-    adapter_energy: float | None = Field(None, gt=0, le=1)
-    max_lora_rank: int = 64
-    max_loras: int = Field(4, ge=1)
-    allow_truncation: bool = False
-    max_components: int = Field(4, ge=1)
-    max_abs_alpha: float = Field(4.0, gt=0)
-    # The largest share of a vector's ||tau||^2 a mixture may leave out (biases, norms: no LoRA slot). 0.1%, not
-    # 1%: norm and bias deltas move predictions far more than their share of ||tau||^2 (docs/serving.md).
-    max_dropped_share: float = Field(0.001, ge=0, le=1)
-    cache_capacity: int = Field(32, ge=1)  # mixture names kept registered with vLLM
+    adapter_rank: int | None = Field(16, ge=1, le=512, description="LoRA rank per vector")
+    adapter_energy: float | None = Field(
+        None, gt=0, le=1, description="instead of a rank: keep this share of ||tau||^2 per tensor"
+    )
+    max_lora_rank: int = Field(
+        64, description="the engine's max LoRA rank (a summed mixture's rank must fit)"
+    )
+    max_loras: int = Field(4, ge=1, description="distinct mixtures in one engine step")
+    allow_truncation: bool = Field(
+        False, description="serve mixtures above --max-lora-rank by SVD re-truncation (error reported)"
+    )
+    max_components: int = Field(4, ge=1, description="components per spec")
+    max_abs_alpha: float = Field(4.0, gt=0, description="largest |alpha| accepted")
+    # 0.1%, not 1%: norm and bias deltas move predictions far more than their share of ||tau||^2 (docs/serving.md).
+    max_dropped_share: float = Field(
+        0.001,
+        ge=0,
+        le=1,
+        description="largest share of a vector's ||tau||^2 a mixture may leave out (what no adapter carries)",
+    )
+    cache_capacity: int = Field(32, ge=1, description="mixture names kept registered with vLLM")
 
     @model_validator(mode="before")
     @classmethod
@@ -85,20 +111,24 @@ class LoraSettings(_Model):
 class ServerConfig(EngineSettings, LoraSettings):
     """``tunevec serve``: command line over an optional YAML file over these defaults."""
 
-    base: str  # a model folder or a Hugging Face id (resolved through the hub cache by ``load``)
-    base_revision: str | None = None
-    vectors: str
-    served_model_name: str = "base"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = None
-    # Named variants: name -> spec text, served as per-request mixtures.
+    base: str = Field(description="base model: a folder or a Hugging Face id (through the hub cache)")
+    base_revision: str | None = Field(None, description="branch, tag or commit of a hub --base")
+    vectors: str = Field(description="folder of tuning-vector artifacts")
+    served_model_name: str = Field("base", description="the base model's name in requests")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_key: str | None = Field(
+        None, description="require this bearer token on every route but /health (or TUNEVEC_API_KEY)"
+    )
+    # Named variants: name -> spec text, served as per-request mixtures (YAML only).
     variants: dict[str, str] = Field(default_factory=dict)
-    # A spec injected into the engine's weights at load time (full speed); the served base is then that variant.
-    inject: str | None = None
-    cache_dir: str = ""
-    # Server paths (vector folders, the checkpoint a vector came from) stay out of responses unless this is on.
-    expose_paths: bool = False
+    inject: str | None = Field(
+        None, description="spec injected into the engine's weights at load time (full speed)"
+    )
+    cache_dir: str = Field(
+        "", description="where vector factors are cached (default: VECTORS/.tunevec-cache)"
+    )
+    expose_paths: bool = Field(False, description="show server paths in /v1/models and the vector routes")
     steering: Literal["lora"] = "lora"
 
     @model_validator(mode="after")
@@ -142,6 +172,49 @@ class ServerConfig(EngineSettings, LoraSettings):
         if not raw:
             raise TunevecError(f"{CONFIG_ENV} is not set: the tunevec endpoints run inside `tunevec serve`")
         return cls.model_validate_json(raw)
+
+
+def add_setting_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    model: type[BaseModel],
+    fields: list[str] | None = None,
+) -> None:
+    """One ``--field-name`` option per described field of ``model`` (all of them, or ``fields``): the settings
+    model is where an option's type, help and default are declared, once. Every option defaults to None, so that
+    only what the command line gives overrides a YAML file or the model's own default; a boolean field is a flag
+    (with ``--no-...`` when its default is true)."""
+    for name in fields if fields is not None else list(model.model_fields):
+        info = model.model_fields[name]
+        if info.description is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        kind = _option_type(info.annotation)
+        shown = "" if default in (None, "", [], {}) or kind is bool else f" (default {default})"
+        if kind is bool:
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=None, help=info.description + shown)
+        else:
+            choices = (
+                typing.get_args(info.annotation) if typing.get_origin(info.annotation) is Literal else None
+            )
+            parser.add_argument(flag, type=kind, choices=choices, default=None, help=info.description + shown)
+
+
+def redefault(model: type[BaseModel], name: str, default: object) -> FieldInfo:
+    """``model``'s field ``name`` with another default: its type, bounds and help are kept, not declared again."""
+    info = copy.copy(model.model_fields[name])
+    info.default = default
+    return info
+
+
+def _option_type(annotation: object) -> type:
+    """The command-line type of a field: its annotation without ``None`` (``int | None`` -> ``int``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kind = (
+        args[0] if args and typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation
+    )
+    return kind if kind in (bool, int, float) else str
 
 
 def parse_settings(model: type[_Model], data: dict, where: str):  # noqa: ANN201
@@ -190,7 +263,7 @@ def vllm_serve_command(
         if target_modules:
             cmd += ["--lora-target-modules", *target_modules]
     if loader_config is not None:
-        from tunevec.steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
+        from tunevec.steering.vllm import LOAD_FORMAT, SETTINGS_KEY
 
         cmd += [
             "--load-format",
@@ -228,7 +301,7 @@ def engine_env(
     engine: EngineSettings, plugins: tuple[str, ...] = (), env: dict[str, str] | None = None
 ) -> dict:
     """The environment a server process needs: CPU backend sizing, offline hub, and the tunevec plugins it uses."""
-    from tunevec.steering.vllm_plugin import plugin_env
+    from tunevec.steering.vllm import plugin_env
 
     out = dict(os.environ if env is None else env)
     if "--kv-cache-memory-bytes" in engine.extra_args:

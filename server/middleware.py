@@ -2,7 +2,7 @@
 
 A request's path through tunevec, in three files:
 1. here, ``SteeringMiddleware`` reads ``model`` / ``steering`` from the body and ``SteeringRouter`` turns them into
-   a spec, a named ``Mixture`` (``server/mixtures.py``) registered with the engine (``server/engine_models.py``);
+   a spec, a named ``Mixture`` (``server/mixtures.py``) registered with the engine (``server/served.py``);
    the body's ``model`` is rewritten to the mixture's served name and vLLM's unchanged handlers serve it;
 2. ``server/mixtures.py`` checks the spec and names its ``LoRARequest`` (``tunevec-mixture:<spec>``);
 3. ``steering/vllm_lora.py``, in vLLM's worker, composes that adapter from the vectors' resident factors, and
@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tunevec.core.errors import NotFoundError, TunevecError
-from tunevec.server.engine_models import EngineLoadError
+from tunevec.server.served import EngineLoadError
 
 logger = logging.getLogger("tunevec.server")
 STEERED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})

@@ -1,14 +1,15 @@
 """Per-request mixtures: a spec becomes a ``LoRARequest`` that names it; nothing is written or built here.
 
 What a mixture is, end to end (docs/serving.md):
-- the server factorises each vector once at start (``steering.lora.factor_cache``) and announces the factor
-  folders, with their content digests, to vLLM's workers;
+- the server factorises each vector once at start (``steering.lora.factor_cache``) and announces one snapshot of
+  them (factor folders, content digests, ranks, what adapters leave out) to vLLM's workers and to its own API
+  server (``tunevec.steering.vllm.write_snapshot``), so both sides serve the same factors;
 - a request's spec is parsed and checked here (vectors, limits, rank, the share of each vector an adapter cannot
   carry), and named: the served name is the spec's canonical text, the adapter id a hash of that text, the
   vectors' content digests and the factorisation settings, so an id always means the same weights and a
   re-extracted vector gets new ids;
 - the ``LoRARequest``'s path is ``tunevec-mixture:<canonical spec>``: vLLM's worker composes the adapter from the
-  resident factors in memory (``steering/vllm_lora.py``).
+  resident factors in memory (``tunevec.steering.vllm``).
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-from vllm.lora.request import LoRARequest
+from typing import Any
 
 from tunevec.core.errors import TunevecError
+from tunevec.core.roles import classify
 from tunevec.core.vector import TuningVector
 from tunevec.server.config import LoraSettings
 from tunevec.steering.library import VectorLibrary
 from tunevec.steering.lora import LoraAdapter, factor_cache, read_meta
 from tunevec.steering.spec import Component, Spec, format_number
-from tunevec.steering.vllm_lora import mixture_path
+from tunevec.steering.vllm import mixture_request
 
 # How many adapter ids are remembered to detect a 31-bit collision: more than vLLM can hold at once
 # (--max-cpu-loras), so an id still loaded in the engine is always among them.
@@ -54,8 +55,29 @@ class VectorFactors:
         energy = {n: (e.norm**2, n in ranks or e.norm == 0) for n, e in vec.manifest.tensors.items()}
         return cls(vec.name, vec.content_digest, str(path), ranks, energy, dict(meta.get("dropped", {})))
 
-    def announcement(self) -> dict[str, str]:
-        return {"path": self.path, "digest": self.digest}
+    def to_json(self) -> dict[str, Any]:
+        """This vector's entry in the server's snapshot (``tunevec.steering.vllm.write_snapshot``): the workers
+        read ``path`` and ``digest``, the API server all of it."""
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "path": self.path,
+            "module_ranks": self.module_ranks,
+            "energy": {n: [e, ok] for n, (e, ok) in self.energy.items()},
+            "dropped": self.dropped,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VectorFactors:
+        energy = {n: (float(e), bool(ok)) for n, (e, ok) in data["energy"].items()}
+        return cls(
+            data["name"],
+            data["digest"],
+            data["path"],
+            dict(data["module_ranks"]),
+            energy,
+            dict(data["dropped"]),
+        )
 
     def restricted_to(self, carried: set[str]) -> VectorFactors:
         """These factors as the engine serves them: modules outside ``carried`` count as left out (kind ``module``)."""
@@ -82,7 +104,7 @@ class VectorFactors:
 class Mixture:
     spec: Spec
     name: str  # the model name vLLM serves it under
-    request: LoRARequest
+    request: Any  # the LoRARequest that names it to the engine
     rank: int  # largest per-module rank
     truncated: bool  # some module's summed rank was above --max-lora-rank and is re-truncated by SVD
     left_out: dict[
@@ -154,6 +176,10 @@ class MixtureRegistry:
         # Every id vLLM may still hold (registered names, its adapter LRU) must stay remembered: keep well over
         # both, whatever --cache-capacity says.
         self._ids = _Ids(keep=max(ID_MEMORY, 4 * (settings.cache_capacity + settings.max_loras)))
+        # Why the engine cannot serve any mixture, or any with an output-head delta (None: it can); from the
+        # workers' own account of which of tunevec's patches took (restrict_to_engine).
+        self.unservable: str | None = None
+        self.no_head_delta: str | None = None
 
     @classmethod
     def prepare(cls, library: VectorLibrary, cache_dir: str, settings: LoraSettings, num_layers: int | None):
@@ -161,9 +187,30 @@ class MixtureRegistry:
         vectors = {n: VectorFactors.prepare(library[n], cache_dir, settings) for n in library.names()}
         return cls(settings, vectors, num_layers, library, cache_dir)
 
-    def restrict_to_engine(self, carried: set[str]) -> None:
-        """Count as left out every factorised module the engine's LoRA layers do not receive (vLLM would drop it)."""
+    @classmethod
+    def from_snapshot(
+        cls,
+        snapshot: dict[str, dict[str, Any]],
+        settings: LoraSettings,
+        num_layers: int | None,
+        library: VectorLibrary | None = None,
+        cache_dir: str = "",
+    ) -> MixtureRegistry:
+        """The registry over exactly the factors ``tunevec serve`` announced to the workers (no vector is read
+        again: a vector re-extracted while the engine started cannot put the two sides out of step)."""
+        vectors = {n: VectorFactors.from_json(entry) for n, entry in snapshot.items()}
+        return cls(settings, vectors, num_layers, library, cache_dir)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {n: f.to_json() for n, f in self.vectors.items()}
+
+    def restrict_to_engine(self, carried: set[str], capabilities: list[dict[str, Any]] | None = None) -> None:
+        """Count as left out every factorised module the engine's LoRA layers do not receive (vLLM would drop it),
+        and take in what the workers said they can serve exactly (``tunevec_capabilities``, one answer a rank)."""
         self.vectors = {n: f.restricted_to(carried) for n, f in self.vectors.items()}
+        for answer in capabilities or ():
+            self.unservable = self.unservable or answer.get("mixtures")
+            self.no_head_delta = self.no_head_delta or answer.get("head_delta")
 
     def factor_modules(self) -> list[str]:
         return sorted({m for f in self.vectors.values() for m in f.module_ranks})
@@ -172,14 +219,19 @@ class MixtureRegistry:
         """Rebuild the factor folders of ``names`` that were deleted or damaged since start-up; True if any was.
 
         The folder path and content are fixed by the vector's digest and the settings, so the workers read the
-        rebuilt folder exactly where they were told to. A vector artifact itself damaged since start-up cannot be
-        refactorised: its ``TunevecError`` propagates.
+        rebuilt folder exactly where they were told to. A vector artifact itself damaged, or changed, since
+        start-up cannot give the announced factors again: a ``TunevecError`` says so.
         """
         rebuilt = False
         for name in names:
             factors = self.vectors[name]
             if not factors.intact():
                 vec = self.library[name]
+                if vec.content_digest != factors.digest:
+                    raise TunevecError(
+                        f"vector {name!r} changed on disk since the server started (content {vec.content_digest[:12]}, "
+                        f"served {factors.digest[:12]}); restart the server to serve the new one"
+                    )
                 factor_cache(vec, self.cache_dir, **self.settings.factorise_kwargs(), rebuild=True)
                 rebuilt = True
         return rebuilt
@@ -223,6 +275,16 @@ class MixtureRegistry:
                 f"per-request mixtures are exact only for linear merges; {spec.method!r} needs full-rank injection "
                 "(`tunevec serve --inject SPEC` or `tunevec merge`)"
             )
+        if self.unservable:
+            raise TunevecError(f"{self.unservable}; serve the variant with `tunevec serve --inject SPEC`")
+        if self.no_head_delta:
+            for comp in spec.components:
+                head = [n for n in self.vectors[comp.vector].module_ranks if classify(n).role == "head"]
+                if comp.alpha != 0 and any(comp.applies_to(n) for n in head):
+                    raise TunevecError(
+                        f"{str(comp)!r} changes the output head, and {self.no_head_delta}; restrict it to a scope "
+                        "without the head (e.g. @attention, @mlp) or use --inject"
+                    )
         limit = self.settings.max_dropped_share
         left_out = {}
         for comp in spec.components:
@@ -251,7 +313,7 @@ class MixtureRegistry:
         name = served_name(spec)
         lora_id = adapter_id(name, [(v, self.vectors[v].digest) for v in spec.vectors], self.settings)
         self._ids.claim(lora_id, name)
-        request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=mixture_path(spec.canonical()))
+        request = mixture_request(name, lora_id, spec.canonical())
         return Mixture(spec, name, request, min(summed, cap), summed > cap, left_out)
 
     def describe(self, spec: Spec) -> dict:

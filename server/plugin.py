@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from argparse import Namespace
 from typing import Any
 
@@ -19,10 +20,11 @@ from fastapi.responses import JSONResponse
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
 from tunevec.server.config import ServerConfig
-from tunevec.server.engine_models import EngineLoadError, ServedMixtures
 from tunevec.server.middleware import SteeringRouter, error_body
 from tunevec.server.mixtures import MixtureRegistry
+from tunevec.server.served import EngineLoadError, ServedMixtures
 from tunevec.steering.library import VectorLibrary
+from tunevec.steering.vllm import CAPABILITIES_RPC, CARRIED_RPC, STATS_RPC, installed_build, read_snapshot
 
 logger = logging.getLogger("tunevec.server")
 MAX_DESCRIBE_BYTES = 64 * 1024
@@ -36,17 +38,24 @@ class TunevecEndpoints:
         app.add_api_route("/v1/tunevec/vectors", list_vectors, methods=["GET"])
         app.add_api_route("/v1/tunevec/vectors/{name}", show_vector, methods=["GET"])
         app.add_api_route("/v1/tunevec/describe", describe, methods=["POST"])
+        app.add_api_route("/v1/tunevec/engine", show_engine, methods=["GET"])
         app.add_api_route("/v1/models", show_models, methods=["GET"])
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         config = ServerConfig.from_env()
         base = Checkpoint(config.base)
         library = VectorLibrary.from_dir(config.vectors, base)
-        # `tunevec serve` factorised every vector before the engine started: this only reads their metadata.
-        registry = MixtureRegistry.prepare(library, config.cache_dir, config, base.num_layers)
-        # Which modules vLLM's LoRA layers really receive, asked of every worker (tensor-parallel ranks agree).
-        answers = await engine_client.collective_rpc("tunevec_carried", args=(registry.factor_modules(),))
-        registry.restrict_to_engine(set.intersection(*(set(a) for a in answers)))
+        # The factors `tunevec serve` announced to the workers, as announced: nothing is factorised or re-read.
+        registry = MixtureRegistry.from_snapshot(
+            read_snapshot(os.environ), config, base.num_layers, library, config.cache_dir
+        )
+        # Which modules vLLM's LoRA layers really receive, and what each worker can serve exactly, asked of every
+        # worker (tensor-parallel ranks must all agree).
+        answers = await engine_client.collective_rpc(CARRIED_RPC, args=(registry.factor_modules(),))
+        capabilities = await engine_client.collective_rpc(CAPABILITIES_RPC)
+        registry.restrict_to_engine(set.intersection(*(set(a) for a in answers)), capabilities)
+        for answer in capabilities:
+            logger.info("tunevec: worker capabilities %s", answer)
         for name, text in config.variants.items():
             try:
                 registry.mixture(registry.parse(text))
@@ -70,6 +79,8 @@ class TunevecEndpoints:
 
         served = ServedMixtures(state.openai_serving_models, engine_client, config.cache_capacity, repair)
         state.tunevec_config = config
+        state.tunevec_engine = {"build": installed_build(), "workers": capabilities}
+        state.tunevec_engine_client = engine_client
         state.tunevec_library = library
         state.tunevec_router = SteeringRouter(config.served_model_name, config.variants, registry, served)
         if config.api_key:
@@ -118,6 +129,14 @@ async def show_vector(name: str, request: Request):  # noqa: ANN201
             if isinstance(manifest.get(side), dict):
                 manifest[side] = {k: v for k, v in manifest[side].items() if k != "path"}
     return manifest
+
+
+async def show_engine(request: Request) -> dict:
+    """What the engine can serve exactly: each worker's account of tunevec's patches (``mixtures`` and
+    ``head_delta`` are null, or why they are refused), its platform, dtype and LoRA dtype; and how the grouped op
+    has served the steps so far (``stats``, one entry a worker)."""
+    stats = await request.app.state.tunevec_engine_client.collective_rpc(STATS_RPC)
+    return {**request.app.state.tunevec_engine, "stats": stats}
 
 
 async def describe(request: Request):  # noqa: ANN201

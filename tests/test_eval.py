@@ -344,8 +344,7 @@ def test_plain_and_injected_servers_are_vllm_commands_and_only_injection_loads_t
 
     from tunevec.eval.launch import checkpoint_server, injected_server
     from tunevec.eval.schema import ServerSettings
-    from tunevec.steering.vllm_loader import LOAD_FORMAT, SETTINGS_KEY
-    from tunevec.steering.vllm_plugin import LOADER
+    from tunevec.steering.vllm import LOAD_FORMAT, LOADER, SETTINGS_KEY
 
     settings = ServerSettings(max_model_len=256, reserved_cpus=0, extra_args=["--seed", "3"])
     base, vectors = synthetic_world / "models" / "base", synthetic_world / "vectors"

@@ -26,8 +26,9 @@ from vllm.v1.worker import lora_model_runner_mixin
 import vllm.model_executor.model_loader as loaders
 assert current_platform.get_punica_wrapper().endswith("punica_cpu.PunicaWrapperCPU"), current_platform.get_punica_wrapper()
 assert lora_model_runner_mixin.LRUCacheWorkerLoRAManager is LRUCacheWorkerLoRAManager
-assert not getattr(punica_cpu.PunicaWrapperCPU.add_lora_logits, "_tunevec_cpu_lora_logits_fix", False)
-assert not any(getattr(getattr(punica_cpu, op), "_tunevec_cpu_lora_logits_fix", False) for op in ("bgmv_shrink", "sgmv_expand"))
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+assert not getattr(CPUModelRunner._get_prompt_logprobs_dict, "_tunevec_prompt_logprob_routing", False)
+assert not any(getattr(getattr(punica_cpu, op), "__wrapped__", None) for op in ("bgmv_shrink", "sgmv_expand"))
 registry = getattr(loaders, "_LOAD_FORMAT_TO_MODEL_LOADER", {})
 assert "tunevec" not in registry, sorted(registry)
 print("untouched")

@@ -87,3 +87,32 @@ def test_no_module_is_imported_under_a_second_top_level_name():
     code = "import importlib.util as u; print([n for n in ('server', 'eval', 'steering', 'analysis') if u.find_spec(n)])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
     assert out.stdout.strip() == "[]"
+
+
+BOUNDARY = "steering/vllm"  # the one package that touches vLLM (docs/architecture.md)
+DOOR = "tunevec.steering.vllm"
+
+
+def test_vllm_is_reached_only_through_the_boundary_package_and_its_door():
+    """Outside ``steering/vllm/`` no module imports vLLM, nor a module of the boundary other than its door."""
+    broken = []
+    for path in set(package_files()):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(BOUNDARY + "/"):
+            continue
+        for line, module in imports(path):
+            if module == "vllm" or module.startswith("vllm."):
+                broken.append(f"{rel}:{line} imports {module}")
+            elif module.startswith(DOOR + "."):
+                broken.append(f"{rel}:{line} imports {module}, past the door {DOOR}")
+    assert not broken, "vLLM reached outside its boundary:\n" + "\n".join(sorted(broken))
+
+
+def test_the_boundary_has_one_version_gate():
+    """The versions tunevec's private-API use was verified on are declared once, in compat.py."""
+    declared = [
+        p.relative_to(REPO).as_posix()
+        for p in package_files()
+        if "VERIFIED" in p.read_text() and "frozenset({" in p.read_text()
+    ]
+    assert declared == [f"{BOUNDARY}/compat.py"], declared

@@ -11,10 +11,10 @@ from synthetic import llama_like, perturbed, write_model
 from tunevec.core.errors import NotFoundError, TunevecError
 from tunevec.core.extract import extract
 from tunevec.server.config import LoraSettings
-from tunevec.server.engine_models import EngineLoadError, ServedMixtures
 from tunevec.server.mixtures import MixtureRegistry, served_name
+from tunevec.server.served import EngineLoadError, ServedMixtures
 from tunevec.steering.library import VectorLibrary
-from tunevec.steering.vllm_lora import MIXTURE_PREFIX
+from tunevec.steering.vllm import MIXTURE_PREFIX
 
 
 def files_under(path: Path) -> set[Path]:
@@ -207,7 +207,7 @@ def test_a_factor_folder_broken_after_start_is_rebuilt_and_the_request_served(re
 def test_the_lora_metric_keeps_a_bounded_number_of_label_sets():
     from prometheus_client import REGISTRY, Gauge
 
-    from tunevec.server.engine_models import bound_lora_metric_labels
+    from tunevec.steering.vllm import bound_lora_metric_labels
 
     gauge = REGISTRY._names_to_collectors.get("vllm:lora_requests_info") or Gauge(
         "vllm:lora_requests_info", "test stand-in", labelnames=["running_lora_adapters"]

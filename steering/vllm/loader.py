@@ -1,6 +1,6 @@
 """A vLLM model loader that injects base + delta(spec) while the engine loads its weights.
 
-Registered as ``load_format="tunevec"`` by the general plugin (``tunevec.steering.vllm_plugin``), which vLLM also runs in
+Registered as ``load_format="tunevec"`` by the general plugin (``plugins.py``), which vLLM also runs in
 its spawned engine processes. Settings travel in ``model_loader_extra_config={"tunevec": {...}}`` as plain data
 (spec text and vector paths); every worker rebuilds the same ``Injection`` from them. The loader yields full,
 unsharded HF tensors exactly like vLLM's default loader, and vLLM's own weight loaders shard them, so tensor and
@@ -17,11 +17,10 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from tunevec.steering.inject import Injection
+from tunevec.steering.vllm.plugins import LOAD_FORMAT, SETTINGS_KEY
 
 # Under vLLM's logger tree so the line appears in the engine processes' output like vLLM's own.
 logger = init_logger("vllm.plugins.tunevec.loader")
-LOAD_FORMAT = "tunevec"
-SETTINGS_KEY = "tunevec"
 
 
 class InjectingModelLoader(DefaultModelLoader):

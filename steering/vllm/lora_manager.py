@@ -1,0 +1,303 @@
+"""vLLM's worker side of per-request mixtures: the LoRA manager that composes them, and the worker extension.
+
+A mixture reaches the engine as an ordinary ``LoRARequest`` whose path is ``tunevec-mixture:<canonical spec>``;
+nothing is written to disk for it. In each worker process:
+
+- ``TunevecWorkerLoRAManager`` (vLLM's LRU worker manager, installed by ``install``) owns the worker's
+  ``MixtureState``. Its ``_load_adapter`` composes a mixture's slot contents from the vectors' resident factors
+  (``compose.compose_mixture``) and hands them to vLLM's own loader, so packing (q/k/v into qkv_proj ...), name
+  mapping, slots and the LRU are vLLM's;
+- ``GroupedLoRAModelManager`` binds the state to the grouped op (``punica.py``) and tells it when a slot's adapter
+  changes;
+- on CPU the platform's punica wrapper becomes ``PunicaWrapperGrouped``, and the runner's prompt-logprob path
+  routes logits rows per request (``logits.py``).
+
+``TunevecWorkerExtension`` (``--worker-extension-cls``) answers the server's questions over ``collective_rpc``:
+which checkpoint tensors the engine's LoRA layers receive (``tunevec_carried``), and what this worker can serve
+exactly (``tunevec_capabilities``). A patch that did not take is reported there, and the server refuses what it
+guards; nothing falls back to a path known to be wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.model_manager import LRUCacheLoRAModelManager, create_lora_manager
+from vllm.lora.peft_helper import PEFTHelper
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+from tunevec.steering.lora import LoraAdapter, peft_tensors
+from tunevec.steering.spec import Spec
+from tunevec.steering.vllm.compat import UnverifiedVllm, installed, require
+from tunevec.steering.vllm.compose import compose_mixture
+from tunevec.steering.vllm.punica import PunicaWrapperGrouped
+from tunevec.steering.vllm.state import MIXTURE_PREFIX, MixtureState, Target, read_snapshot
+
+logger = logging.getLogger("vllm.tunevec.lora")  # a "vllm." name: vLLM's handler prints it in every process
+
+GROUPED_WRAPPER = "tunevec.steering.vllm.punica.PunicaWrapperGrouped"
+CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+
+
+def install() -> str | None:
+    """Route mixtures through in-memory composition and, on CPU, the grouped op and the logits routing.
+
+    Idempotent, called in every vLLM process by the ``tunevec_lora`` plugin. Returns None once installed, else
+    why nothing was (the workers report it, and the server refuses mixtures with that reason).
+    """
+    try:
+        build = require("per-request mixtures")
+    except UnverifiedVllm as exc:
+        logger.warning("tunevec: %s", exc)
+        return str(exc)
+    from vllm.platforms import current_platform
+    from vllm.v1.worker import lora_model_runner_mixin
+
+    if lora_model_runner_mixin.LRUCacheWorkerLoRAManager is not TunevecWorkerLoRAManager:
+        lora_model_runner_mixin.LRUCacheWorkerLoRAManager = TunevecWorkerLoRAManager
+    if current_platform.is_cpu():
+        platform_cls = type(current_platform)
+        chosen = platform_cls.get_punica_wrapper()
+        if chosen == CPU_WRAPPER:
+            platform_cls.get_punica_wrapper = classmethod(lambda cls: GROUPED_WRAPPER)
+        elif chosen != GROUPED_WRAPPER:
+            logger.error(
+                "tunevec: the CPU platform's punica wrapper is %s, not %s: the grouped op is not installed and "
+                "per-request mixtures are refused",
+                chosen,
+                CPU_WRAPPER,
+            )
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        from tunevec.steering.vllm.logits import install_prompt_logprob_routing
+
+        problem = install_prompt_logprob_routing(CPUModelRunner, state_of_runner)
+        if problem:
+            logger.error(
+                "tunevec: prompt-logprob rows are not routed per request (%s); mixtures with an output-head delta "
+                "are refused",
+                problem,
+            )
+    logger.info("tunevec: in-memory mixtures installed on %s", build)
+    return None
+
+
+def state_of_runner(runner: Any) -> MixtureState | None:
+    manager = getattr(runner, "lora_manager", None)
+    return manager.state if isinstance(manager, TunevecWorkerLoRAManager) else None
+
+
+class ModuleMap:
+    """Where each checkpoint tensor's delta lands in this engine's LoRA modules, decided as vLLM's loader decides
+    it: the tensor's PEFT name parsed with the model's weight mapper into a module name, which must be a
+    LoRA-wrapped module or a packed part of one (q_proj of qkv_proj). Anything else vLLM would drop without a word.
+    """
+
+    def __init__(self, manager: Any):
+        mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+        self._mapper = None if mapper is None else mapper.get_rename_mapper()
+        self._model = manager.model
+        self._modules = manager.modules
+        self._packed = manager.packed_modules
+        self._targets: dict[str, Target | None] = {}
+
+    def target(self, tensor: str) -> Target | None:
+        if tensor not in self._targets:
+            self._targets[tensor] = self._find(tensor)
+        return self._targets[tensor]
+
+    def _find(self, tensor: str) -> Target | None:
+        from vllm.lora.utils import parse_fine_tuned_lora_name
+
+        if unfaithful(self._model, tensor):
+            return None
+        dummy = torch.zeros(1, 1)
+        module, _ = parse_fine_tuned_lora_name(
+            next(iter(peft_tensors({tensor: (dummy, dummy)}))), self._mapper
+        )
+        layer = self._modules.get(module)
+        if layer is not None:
+            slices = getattr(layer, "output_slices", None)
+            rows = sum(slices) if slices else layer.lora_b_stacked.shape[2]
+            return Target(module, 0, 0, rows)
+        for parent, parts in self._packed.items():
+            if module in parts and parent in self._modules:
+                sizes = self._modules[parent].output_slices
+                i = parts.index(module)
+                return Target(parent, i, sum(sizes[:i]), sizes[i])
+        return None
+
+
+def unfaithful(model: Any, tensor: str) -> bool:
+    """Whether this engine's LoRA would not reproduce base + tau for ``tensor``: an embedding or head delta on a
+    model that multiplies its input embeddings by a normaliser (Gemma's sqrt(hidden)).
+
+    On such models vLLM's embedding and tied-head LoRA did not reproduce base + tau: a Gemma 2 mixture served
+    0.29 nats per token away from transformers while its attention and MLP parts matched to 4e-3
+    (tests/test_architectures.py). Their embedding and head deltas are neither composed nor stacked, and the
+    server reports them as left out (the x-tunevec-left-out header, the --max-dropped-share check).
+    """
+    from tunevec.core.roles import classify
+
+    inner = getattr(model, "model", None)
+    return getattr(inner, "normalizer", None) is not None and classify(tensor).role in ("embedding", "head")
+
+
+class GroupedLoRAModelManager(LRUCacheLoRAModelManager):
+    """vLLM's LRU manager that binds the worker's state to its grouped wrappers and tells them when a
+    slot's adapter changes."""
+
+    def __init__(self, *args: Any, tunevec_state: MixtureState, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # The shared stacks hold whole tensors: under tensor parallelism each rank would need its shard, so
+        # mixtures are served from their own (sharded) slots there.
+        sharded = any(getattr(m, "tp_size", 1) > 1 for m in self.modules.values())
+        tunevec_state.bind_modules(ModuleMap(self).target, shared_stacks=not sharded)
+        self.grouped = [
+            w for w in self.punica_wrapper_mapping.values() if isinstance(w, PunicaWrapperGrouped)
+        ]
+        for wrapper in self.grouped:
+            wrapper.bind(tunevec_state, self.modules)
+        if self.grouped:
+            tunevec_state.token_slots = lambda: self.grouped[0].token_lora_indices
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        activated = super().activate_adapter(lora_id)
+        if activated:
+            slot = self.lora_index_to_id.index(lora_id)
+            for wrapper in self.grouped:
+                wrapper.invalidate_slot(slot)
+        return activated
+
+
+class TunevecWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+    """vLLM's worker LoRA manager, owning the worker's ``MixtureState``; ``tunevec-mixture:`` paths are
+    composed in memory, any other path loads as usual."""
+
+    _manager_cls = GroupedLoRAModelManager
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.state = MixtureState(read_snapshot(os.environ), self.lora_config.lora_dtype)
+
+    def create_lora_manager(self, model: torch.nn.Module, vllm_config: Any) -> Any:
+        self._adapter_manager = create_lora_manager(
+            model,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            vocab_size=self.vocab_size,
+            lora_config=self.lora_config,
+            device=self.device,
+            lora_manager_cls=self._manager_cls,
+            vllm_config=vllm_config,
+            tunevec_state=self.state,
+        )
+        return self._adapter_manager.model
+
+    @property
+    def grouped(self) -> bool:
+        return bool(self._adapter_manager.grouped)
+
+    def _load_adapter(self, lora_request):  # noqa: ANN001, ANN202
+        if not lora_request.lora_path.startswith(MIXTURE_PREFIX):
+            return super()._load_adapter(lora_request)
+        spec = Spec.parse(lora_request.lora_path.removeprefix(MIXTURE_PREFIX))
+        model = self._adapter_manager.model
+        adapters = {
+            name: LoraAdapter({t: f for t, f in a.factors.items() if not unfaithful(model, t)}, a.meta)
+            for name, a in self.state.adapters(spec.vectors).items()
+        }
+        max_rank = self.lora_config.max_lora_rank
+        mixed = compose_mixture(spec, adapters, max_rank=max_rank, fold=not self.grouped)
+        if not mixed.factors:
+            raise ValueError(f"mixture {spec.canonical()!r} selects no module this engine can adapt")
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        lora = LoRAModel.from_lora_tensors(
+            lora_model_id=lora_request.lora_int_id,
+            tensors=peft_tensors(mixed.factors),
+            # alpha == r: vLLM's scale alpha / r is exactly 1 for every module, whatever its own rank.
+            peft_helper=PEFTHelper(r=max_rank, lora_alpha=max_rank, target_modules=[]),
+            device="cpu",
+            dtype=self.lora_config.lora_dtype,
+            model_vocab_size=self.vocab_size,
+            weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+        )
+        lora.is_3d_lora_weight = False
+        self.state.record(lora_request.lora_int_id, mixed.composition, keep=set(self.list_adapters()))
+        return lora
+
+
+class TunevecWorkerExtension:
+    """Mixed into vLLM's worker (``--worker-extension-cls``), reached through ``engine_client.collective_rpc``."""
+
+    def _tunevec_manager(self) -> Any:
+        manager = getattr(self.model_runner, "lora_manager", None)
+        return manager if isinstance(manager, TunevecWorkerLoRAManager) else None
+
+    def tunevec_carried(self, tensor_names: list[str]) -> list[str]:
+        """The checkpoint tensors whose deltas this engine's LoRA modules receive (``ModuleMap``)."""
+        manager = self._tunevec_manager()
+        if manager is None:
+            targets = ModuleMap(self.model_runner.lora_manager._adapter_manager).target
+        else:
+            targets = manager.state.target
+        return [name for name in tensor_names if targets(name) is not None]
+
+    def tunevec_stats(self) -> dict[str, int]:
+        """How the grouped op has served this worker's steps so far (``MixtureState.stats``)."""
+        manager = self._tunevec_manager()
+        return {} if manager is None else dict(manager.state.stats)
+
+    def tunevec_capabilities(self) -> dict[str, Any]:
+        """What this worker can serve exactly: ``mixtures`` and ``head_delta`` are None, or why not."""
+        from vllm.config import CompilationMode
+        from vllm.platforms import current_platform
+
+        config = self.vllm_config
+        manager = self._tunevec_manager()
+        cpu = current_platform.is_cpu()
+        mixtures = head = None
+        if manager is None:
+            why = install() or "tunevec's worker LoRA manager was not installed before the engine started"
+            mixtures = f"per-request mixtures are off in this engine: {why}"
+        elif cpu and not manager.grouped:
+            mixtures = (
+                "per-request mixtures are off: vLLM's CPU punica wrapper is no longer "
+                f"{CPU_WRAPPER}, so tunevec's grouped op is not installed"
+            )
+        elif cpu and config.compilation_config.mode != CompilationMode.NONE:
+            mixtures = (
+                f"per-request mixtures are off: vLLM compiles the model (mode {config.compilation_config.mode}), "
+                "which would bake the grouped op's per-step state into the graph"
+            )
+        elif config.lora_config.fully_sharded_loras:
+            mixtures = (
+                "per-request mixtures are off with --fully-sharded-loras (a path tunevec's op does not serve)"
+            )
+        if cpu:
+            from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+            from tunevec.steering.vllm.logits import _MARK
+
+            if not getattr(CPUModelRunner._get_prompt_logprobs_dict, _MARK, False):
+                head = "this engine does not route prompt-logprob rows per request (the runner patch did not take)"
+        else:
+            head = (
+                f"on {current_platform.device_name} vLLM's own LoRA kernels route prompt-logprob rows by the sampled "
+                "rows, so a mixture with an output-head delta (a tied or tuned embedding/head) could be applied to "
+                "other requests' rows; serve it with --inject"
+            )
+        return {
+            "build": str(installed()),
+            "platform": current_platform.device_name,
+            "grouped_op": bool(manager is not None and manager.grouped),
+            "lora_dtype": str(config.lora_config.lora_dtype),
+            "dtype": str(config.model_config.dtype),
+            "mixtures": mixtures,
+            "head_delta": head,
+        }

@@ -7,11 +7,13 @@ slices), down. The base is each linear as vLLM's CPU backend runs it (oneDNN wit
 available, else ``F.linear``). Cells:
 
   base / base again   the layer's four linears (the second is the A/A control)
-  grouped             + ``PunicaWrapperGrouped.add_lora_linear`` for one rank-``--rank`` adapter on every token
-  grouped, 8 slots    + eight unrelated adapters, tokens spread over them request by request (decode: one each)
-  8 mixtures          + eight mixtures of the same two vectors (rank ``--rank``/2 each, different alphas), served
-                        from the shared factors (``FactoredAdapters``), tokens spread as above
-  vllm torch ops      + vLLM's ``PunicaWrapperCPU.add_lora_linear`` (max rank 64) for the same single adapter
+  grouped             + ``PunicaWrapperGrouped.add_lora_linear`` for one mixture of two vectors (rank ``--rank``/2
+                        each) on every token: the slot holds the factors unscaled, alpha applied in float32
+  grouped, 8 slots    + eight unrelated adapters (rank ``--rank``), tokens spread over them request by request
+                        (decode: one each)
+  8 mixtures          + eight mixtures of the same two vectors (different alphas), served from one shared stack
+                        (``MixtureState``), tokens spread as above
+  vllm torch ops      + vLLM's ``PunicaWrapperCPU.add_lora_linear`` (max rank 64) for one rank-``--rank`` adapter
 
 Token counts: 8 (decode steps of 8 requests) and 256 / 960 (prefill chunks). Every cell is timed in every round,
 order rotated; the reported time is the median over rounds of the best of ``--reps`` calls. Ratios are base time /
@@ -28,7 +30,11 @@ import torch
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from tunevec.steering.punica_grouped import PunicaWrapperGrouped
+from tunevec.steering.lora import LoraAdapter
+from tunevec.steering.spec import Spec
+from tunevec.steering.vllm.compose import compose_mixture
+from tunevec.steering.vllm.punica import PunicaWrapperGrouped
+from tunevec.steering.vllm.state import MixtureState, Target
 
 HIDDEN, HEAD, QH, KVH, INTER = 576, 64, 9, 3, 1536
 # (name, input size, output slices)
@@ -68,39 +74,51 @@ def layer(dtype: torch.dtype, rank: int, gen: torch.Generator):  # noqa: ANN201
     return mods
 
 
+# The checkpoint tensors behind each module's slices (what a vector's factors are keyed by).
+TENSORS = {
+    "qkv": ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight"),
+    "o": ("model.layers.0.self_attn.o_proj.weight",),
+    "gate_up": ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+    "down": ("model.layers.0.mlp.down_proj.weight",),
+}  # fmt: skip
+
+
 class TwoVectorMixtures:
-    """FactoredAdapters over two shared vectors per module; slot k's mixture is alpha_k1 V1 + alpha_k2 V2."""
+    """Two resident vectors over every module; lora id k holds the mixture ``medical:a_k + math:1-a_k``: its slot
+    holds the two vectors' factors unscaled (vLLM's layout), its coefficients are the worker state's."""
 
     def __init__(self, mods, rank: int, dtype: torch.dtype, gen: torch.Generator):
-        from tunevec.steering.punica_grouped import _Pack
-
-        self.stacks, self.coefs = {}, {}
         half = rank // 2
-        for name, fan_in, slices, _, _a_stk, _b_stk in mods:
-            a_blocks, cols, col = [], [], 0
-            b_all = torch.zeros(sum(slices), 2 * half * len(slices), dtype=dtype)
-            for v in range(2):
-                row = 0
-                for out in slices:
-                    a_blocks.append(torch.randn(half, fan_in, generator=gen).to(dtype) * 0.02)
-                    b_all[row : row + out, col : col + half] = (
-                        torch.randn(out, half, generator=gen).to(dtype) * 0.02
-                    )
-                    cols.append((v, col, col + half))
-                    col += half
-                    row += out
-            self.stacks[name] = _Pack(torch.cat(a_blocks), b_all)
-            for lora_id in range(1, MAX_LORAS + 1):
-                coef = torch.zeros(col, dtype=dtype)
-                for v, c0, c1 in cols:
-                    coef[c0:c1] = 0.1 * lora_id if v == 0 else 1 - 0.1 * lora_id
-                self.coefs[(lora_id, name)] = coef
+        targets: dict[str, Target] = {}
+        factors: dict[str, dict] = {"medical": {}, "math": {}}
+        for name, fan_in, slices, *_ in mods:
+            row = 0
+            for i, (tensor, out) in enumerate(zip(TENSORS[name], slices, strict=True)):
+                targets[tensor] = Target(name, i, row, out)
+                row += out
+                for vector in factors:
+                    b = torch.randn(out, half, generator=gen) * 0.02
+                    factors[vector][tensor] = (b, torch.randn(half, fan_in, generator=gen) * 0.02)
+        self.state = MixtureState({}, dtype, resident={v: LoraAdapter(f) for v, f in factors.items()})
+        self.state.bind_modules(targets.get, shared_stacks=True)
+        self.slots: dict[str, tuple[tuple, tuple]] = {}
+        for name, fan_in, slices, *_ in mods:
+            a_stk = tuple(torch.zeros(MAX_LORAS, 1, MAX_RANK, fan_in, dtype=dtype) for _ in slices)
+            b_stk = tuple(torch.zeros(MAX_LORAS, 1, out, MAX_RANK, dtype=dtype) for out in slices)
+            self.slots[name] = (a_stk, b_stk)
+        for lora_id in range(1, MAX_LORAS + 1):
+            spec = Spec.parse(f"medical:{0.1 * lora_id:.1f}+math:{1 - 0.1 * lora_id:.1f}")
+            mixed = compose_mixture(spec, self.state.adapters(spec.vectors), max_rank=MAX_RANK, fold=False)
+            self.state.record(lora_id, mixed.composition, keep=set(range(1, MAX_LORAS + 1)))
+            for name, *_ in mods:
+                for i, tensor in enumerate(TENSORS[name]):
+                    b, a = mixed.factors[tensor]
+                    self.slots[name][0][i][lora_id - 1, 0, : a.shape[0]] = a
+                    self.slots[name][1][i][lora_id - 1, 0, :, : b.shape[1]] = b
 
-    def stack(self, module, dtype):
-        return self.stacks[module]
-
-    def coefficients(self, lora_id, module, dtype):
-        return self.coefs.get((lora_id, module))
+    def layers(self) -> dict:
+        return {name: type("Layer", (), {"lora_a_stacked": a}) for name, (a, _) in self.slots.items()}
 
 
 def mapping(n: int, slots: int, decode: bool) -> tuple[tuple[int, ...], list[int]]:
@@ -114,11 +132,12 @@ def mapping(n: int, slots: int, decode: bool) -> tuple[tuple[int, ...], list[int
     return tuple(ids[min(i // per, slots - 1)] for i in range(n)), ids
 
 
-def run_cell(mods, xs, wrapper) -> None:  # noqa: ANN001
-    for (_, _, slices, lin, a_stk, b_stk), x in zip(mods, xs, strict=True):
+def run_cell(mods, xs, wrapper, weights=None) -> None:  # noqa: ANN001
+    for (name, _, slices, lin, a_stk, b_stk), x in zip(mods, xs, strict=True):
         y = lin(x)
         if wrapper is not None:
-            wrapper.add_lora_linear(y, x, a_stk, b_stk, 1.0, slices)
+            a, b = (a_stk, b_stk) if weights is None else weights[name]
+            wrapper.add_lora_linear(y, x, a, b, 1.0, slices)
 
 
 def main() -> None:
@@ -142,29 +161,29 @@ def main() -> None:
     for n in (8, 256, 960):
         decode = n == 8
         xs = [torch.randn(n, fan_in, generator=gen).to(dtype) for _, fan_in, _, _, _, _ in mods]
-        cells = {"base": None, "base again (A/A)": None}
+        cells = {"base": (None, None), "base again (A/A)": (None, None)}
         for label, slots, cls in (("grouped", 1, PunicaWrapperGrouped), ("grouped, 8 slots", 8, PunicaWrapperGrouped),
                                   ("8 mixtures", 8, PunicaWrapperGrouped),
                                   ("vllm torch ops", 1, PunicaWrapperCPU)):  # fmt: skip
             wrapper = cls(4096, 256, "cpu")
+            mixtures = label in ("grouped", "8 mixtures")
+            if mixtures:
+                wrapper.bind(shared.state, shared.layers())
             token_ids, slot_ids = mapping(n, slots, decode)
             wrapper.update_metadata(
                 LoRAMapping(token_ids, token_ids, is_prefill=True), slot_ids, MAX_LORAS + 1, 100
             )
-            if label == "8 mixtures":
-                layers = {name: type("Layer", (), {"lora_a_stacked": a}) for name, _, _, _, a, _ in mods}
-                wrapper.bind(layers, shared)
-            cells[label] = wrapper
+            cells[label] = (wrapper, shared.slots if mixtures else None)
         times = {k: [] for k in cells}
         names = list(cells)
         for rnd in range(args.rounds):
             order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for name in order:
-                run_cell(mods, xs, cells[name])  # warm (packs built on first use)
+                run_cell(mods, xs, *cells[name])  # warm (packs built on first use)
                 best = float("inf")
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
-                    run_cell(mods, xs, cells[name])
+                    run_cell(mods, xs, *cells[name])
                     best = min(best, time.perf_counter() - t0)
                 times[name].append(best)
         base = statistics.median(times["base"])

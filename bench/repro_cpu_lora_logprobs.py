@@ -5,12 +5,12 @@ temp dir, plus the same model with each adapter merged into the weights, then st
 vLLM servers and sends lm-eval ``local-completions`` style traffic (``echo`` + ``logprobs`` +
 ``max_tokens=1``, token-id prompts, several requests in flight, some requests carrying a list of prompts).
 
-* ``--no-fix``: the LoRA server runs *without* ``steering.vllm_patches.apply_cpu_lora_logits_fix``;
-  the engine dies with the einsum shape error in ``PunicaWrapperCPU.add_lora_logits`` and the script
-  prints the worker traceback, the server's state after the crash, and FAIL.
-* default: the fix is injected into every vLLM process (API server, spawned engine core and worker)
-  through a throwaway ``vllm.general_plugins`` entry point (a ``*.dist-info`` folder on PYTHONPATH,
-  nothing is installed), then prompt logprobs are compared:
+* ``--no-fix``: the LoRA server runs vLLM's own CPU LoRA op, without tunevec's ``tunevec_lora`` plugin; the
+  engine dies with the einsum shape error in ``PunicaWrapperCPU.add_lora_logits`` and the script prints the
+  worker traceback, the server's state after the crash, and FAIL.
+* default: the server runs with ``VLLM_PLUGINS=tunevec_lora`` (tunevec's grouped op, which serves any LoRA
+  adapter, and the per-request routing of prompt-logprob rows, ``tunevec.steering.vllm``), then prompt logprobs
+  are compared:
 
   - base-model requests on the ``--enable-lora`` server vs. the plain base server (no LoRA);
   - adapter ``a`` (q/k/v/o/gate/up/down) vs. a server of the base with ``a`` merged into the weights;
@@ -22,7 +22,6 @@ Usage::
 
     .venv/bin/python bench/repro_cpu_lora_logprobs.py            # verify the fix (PASS/FAIL)
     .venv/bin/python bench/repro_cpu_lora_logprobs.py --no-fix   # show the crash
-    .venv/bin/python bench/repro_cpu_lora_logprobs.py --installed-plugin  # use the installed plugin
 
 Servers are started in their own process group and always killed on exit. Needs no network. The temp
 dir (fixture + server logs) is removed after a PASS unless ``--workdir`` is given; it is kept otherwise.
@@ -48,7 +47,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_NAME = "base"
-PLUGIN_NAME = "tunevec_repro_cpu_lora_logits_fix"
 HIDDEN, VOCAB, LAYERS, INTER = 256, 4096, 2, 688
 RANK, ALPHA = 8, 8
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -179,22 +177,6 @@ def build_fixture(root: Path) -> dict[str, Path]:
     return paths
 
 
-def write_plugin_dist(root: Path) -> Path:
-    """A dist-info folder that registers the fix as a vllm.general_plugins entry point.
-
-    Put on PYTHONPATH it is discovered by importlib.metadata in every process vLLM starts (the API
-    server and the spawned engine core), exactly like an installed plugin, without installing anything.
-    """
-    site = root / "plugin_site"
-    dist = site / f"{PLUGIN_NAME}-0.0.dist-info"
-    dist.mkdir(parents=True, exist_ok=True)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {PLUGIN_NAME}\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text(
-        f"[vllm.general_plugins]\n{PLUGIN_NAME} = steering.vllm_patches:apply_cpu_lora_logits_fix\n"
-    )
-    return site
-
-
 # --------------------------------------------------------------------------- servers
 
 
@@ -282,19 +264,15 @@ class Server:
         self._log.close()
 
 
-def server_env(plugin_site: Path | None, fix: str) -> dict:
+def server_env(fix: str) -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     pp = [str(REPO)]
-    if fix == "repro" and plugin_site is not None:
-        pp.insert(0, str(plugin_site))
-        env["VLLM_PLUGINS"] = PLUGIN_NAME  # load only the fix (not any half-wired project plugin)
-    elif fix == "none":
-        env["VLLM_PLUGINS"] = ""  # parses to [""]: matches no plugin
-        env["TUNEVEC_CPU_LORA_LOGITS_FIX"] = "0"
-    else:  # "installed": whatever the environment registers (steering.vllm_plugin:register)
-        env.pop("VLLM_PLUGINS", None)
+    if fix == "tunevec":
+        env["VLLM_PLUGINS"] = "tunevec_lora"  # the grouped op and the prompt-logprob row routing only
+    else:
+        env["VLLM_PLUGINS"] = ""  # parses to [""]: matches no plugin, vLLM's own CPU op
     if env.get("PYTHONPATH"):
         pp.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(pp)
@@ -408,12 +386,7 @@ def extract_traceback(log: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-fix", action="store_true", help="run the LoRA server without the fix")
-    ap.add_argument(
-        "--installed-plugin",
-        action="store_true",
-        help="rely on the installed vllm.general_plugins entry points instead of the throwaway one",
-    )
+    ap.add_argument("--no-fix", action="store_true", help="run the LoRA server on vLLM's own CPU op")
     ap.add_argument("--workdir", type=Path, help="fixture/log dir (default: a fresh temp dir)")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     ap.add_argument("--rounds", type=int, default=2, help="times the LoRA server gets the whole traffic")
@@ -432,8 +405,8 @@ def main() -> int:
 
     n_tok = len(AutoTokenizer.from_pretrained(paths["base"]))
     prompts = make_prompts(min(n_tok, VOCAB) - 1)
-    fix = "none" if args.no_fix else ("installed" if args.installed_plugin else "repro")
-    env = server_env(write_plugin_dist(root), fix)
+    fix = "none" if args.no_fix else "tunevec"
+    env = server_env(fix)
     common = ["--max-num-batched-tokens", str(args.max_num_batched_tokens), *args.extra_server_args.split()]
     lora_args = [
         "--enable-lora",
@@ -460,8 +433,8 @@ def main() -> int:
         got, errors = run_traffic(srv.url, prompts, jobs, args.concurrency, rounds=args.rounds)
         n_req = len(jobs) * args.rounds
         print(f"[lora] {n_req} requests in {time.time() - t0:.1f}s, {len(errors)} failed", flush=True)
-        patched = "apply_cpu_lora_logits_fix: patched" in srv.log_text()
-        print(f"[lora] fix applied in the engine processes: {patched}")
+        patched = "tunevec: in-memory mixtures installed" in srv.log_text()
+        print(f"[lora] tunevec's op installed in the engine processes: {patched}")
         if errors:
             print("[lora] first errors:\n  " + "\n  ".join(errors[:3]))
             print(

@@ -70,6 +70,11 @@ def install_prompt_logprob_routing(runner_cls: type, state_of: Callable[[Any], A
     return None
 
 
+def routes_prompt_logprobs(runner_cls: type) -> bool:
+    """Whether ``install_prompt_logprob_routing`` is in effect on ``runner_cls``."""
+    return bool(getattr(getattr(runner_cls, "_get_prompt_logprobs_dict", None), _MARK, False))
+
+
 def _shape_problem(runner_cls: type) -> str | None:
     method = runner_cls._get_prompt_logprobs_dict
     try:

@@ -257,41 +257,22 @@ class TunevecWorkerExtension:
         """What this worker can serve exactly: ``mixtures`` and ``head_delta`` are None, or why not."""
         from vllm.config import CompilationMode
         from vllm.platforms import current_platform
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        from tunevec.steering.vllm.logits import routes_prompt_logprobs
 
         config = self.vllm_config
         manager = self._tunevec_manager()
-        cpu = current_platform.is_cpu()
-        mixtures = head = None
-        if manager is None:
-            why = install() or "tunevec's worker LoRA manager was not installed before the engine started"
-            mixtures = f"per-request mixtures are off in this engine: {why}"
-        elif cpu and not manager.grouped:
-            mixtures = (
-                "per-request mixtures are off: vLLM's CPU punica wrapper is no longer "
-                f"{CPU_WRAPPER}, so tunevec's grouped op is not installed"
-            )
-        elif cpu and config.compilation_config.mode != CompilationMode.NONE:
-            mixtures = (
-                f"per-request mixtures are off: vLLM compiles the model (mode {config.compilation_config.mode}), "
-                "which would bake the grouped op's per-step state into the graph"
-            )
-        elif config.lora_config.fully_sharded_loras:
-            mixtures = (
-                "per-request mixtures are off with --fully-sharded-loras (a path tunevec's op does not serve)"
-            )
-        if cpu:
-            from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-            from tunevec.steering.vllm.logits import _MARK
-
-            if not getattr(CPUModelRunner._get_prompt_logprobs_dict, _MARK, False):
-                head = "this engine does not route prompt-logprob rows per request (the runner patch did not take)"
-        else:
-            head = (
-                f"on {current_platform.device_name} vLLM's own LoRA kernels route prompt-logprob rows by the sampled "
-                "rows, so a mixture with an output-head delta (a tied or tuned embedding/head) could be applied to "
-                "other requests' rows; serve it with --inject"
-            )
+        mixtures, head = refusals(
+            platform=current_platform.device_name,
+            installed=None
+            if manager is not None
+            else (install() or "it was not installed before the engine started"),
+            grouped=bool(manager is not None and manager.grouped),
+            compiled=config.compilation_config.mode != CompilationMode.NONE,
+            fully_sharded=bool(config.lora_config.fully_sharded_loras),
+            routed=routes_prompt_logprobs(CPUModelRunner),
+        )
         return {
             "build": str(installed()),
             "platform": current_platform.device_name,
@@ -301,3 +282,45 @@ class TunevecWorkerExtension:
             "mixtures": mixtures,
             "head_delta": head,
         }
+
+
+def refusals(
+    *, platform: str, installed: str | None, grouped: bool, compiled: bool, fully_sharded: bool, routed: bool
+) -> tuple[str | None, str | None]:
+    """(why no mixture can be served, why no mixture with an output-head delta can be), None where they can.
+
+    ``installed`` is None when tunevec's LoRA manager runs in the worker, else why it does not; ``grouped``:
+    tunevec's op is the punica wrapper; ``compiled``: vLLM compiles the model; ``routed``: prompt-logprob logits rows
+    are routed per request (the runner patch). Each refusal names the patch or setting that is missing, so that the
+    server can say it to the client instead of serving a path known to be wrong.
+    """
+    cpu = platform == "cpu"
+    mixtures = None
+    if installed is not None:
+        mixtures = f"per-request mixtures are off in this engine: {installed}"
+    elif cpu and not grouped:
+        mixtures = (
+            f"per-request mixtures are off: vLLM's CPU punica wrapper is no longer {CPU_WRAPPER}, so tunevec's "
+            "grouped op is not installed"
+        )
+    elif cpu and compiled:
+        mixtures = (
+            "per-request mixtures are off: vLLM compiles this model, which would bake the grouped op's per-step "
+            "state into the graph"
+        )
+    elif fully_sharded:
+        mixtures = (
+            "per-request mixtures are off with --fully-sharded-loras (a path tunevec's op does not serve)"
+        )
+    if cpu:
+        head = (
+            None
+            if routed
+            else "this engine does not route prompt-logprob rows per request (the runner patch did not take)"
+        )
+    else:
+        head = (
+            f"on {platform}, vLLM's own LoRA kernels route prompt-logprob rows by the sampled rows, so an output-head "
+            "delta (a tied or tuned embedding/head) could be applied to other requests' rows"
+        )
+    return mixtures, head

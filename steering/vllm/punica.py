@@ -9,16 +9,19 @@ product, once per slice (q, k, v ...) for the shrink and again for the expand. `
   (vLLM lays a request's tokens out contiguously; tokens without an adapter are in no run and get exactly
   nothing), each slot's tunevec composition looked up, and the choice of how each slot is served this step.
 - **Packs, once per slot activation** (lazily): for one module and one slot, the slices' A stacked ``[R, in]``
-  and their B block-diagonal ``[out, R]``, R the sum of the slices' real ranks; for a tunevec mixture, with its
-  float32 coefficients ``c`` (``compose.py``: slots hold the vectors' factors unscaled). A module whose weights
-  in that slot are all zero packs to nothing and costs nothing.
-- **Compute**, per module: one run: two GEMMs and a scale; several short runs (decode steps that interleave
-  adapters): the active slots' packs side by side, ``y += ((x A_all^T) * M) B_all^T`` with ``M`` each token's
-  coefficients on its own slot's columns (three ops whatever the slot count); several long runs: run by run.
+  and their B block-diagonal ``[out, R]``, R the sum of the slices' real ranks. A tunevec mixture's slot holds the
+  vectors' factors unscaled (``compose.py``); its pack's B columns are multiplied by their float32 coefficients
+  once, in float32, before the cast to the activation dtype (alpha itself is never rounded). A module whose
+  weights in that slot are all zero packs to nothing and costs nothing.
+- **Compute**, per module: one run: two GEMMs (for a few tokens, vLLM's oneDNN kernels on prepacked factors:
+  half the time of torch's small bfloat16 GEMMs on CPU); several short runs (decode steps that interleave
+  adapters): the active slots' packs side by side, ``y += ((x A_all^T) * M) B_all^T`` with ``M`` the token-to-slot
+  mask (three ops whatever the slot count); several long runs: run by run.
 - **Shared stacks**: when two or more slots of a step hold tunevec mixtures, they are served from one stack of the
-  vectors they use (``MixtureState.stack``) with a per-token row of a coefficient table, instead of from each
-  slot's own copy of the same factors: four ops and one copy of the factors however many mixtures share the step.
-  The stack holds the same numbers as the slots, so the two ways agree (tests/test_differential.py).
+  vectors they use (``MixtureState.stack``) and a per-token row of a float32 coefficient table, ``y += ((x A^T) *
+  C) B^T``, instead of from each slot's own copy of the same factors: four ops and one copy of the factors however
+  many mixtures share the step. Stack and slots hold the same factors, so the two ways agree to the rounding of
+  the activation dtype (tests/test_differential.py).
 
 Packs are keyed by the LoRA layer's stacked weight tuple and dropped when the slot's adapter changes
 (``update_metadata`` sees ``lora_index_to_id`` change, and ``invalidate_slot`` is called on every activation, which
@@ -43,6 +46,9 @@ from tunevec.steering.vllm.state import MixtureState, Pack
 # whatever the slot count); larger steps go run by run. Decode steps are one token per request, prefill chunks are
 # long runs; the line sits where the extra n x sum(R) multiply-adds stay small against the per-op cost.
 STACKED_MAX_TOKENS = 64
+# Runs of at most this many tokens go through vLLM's oneDNN GEMMs on prepacked factors (where vLLM's CPU build
+# has them): at decode sizes torch's own bfloat16 matmuls cost twice as much on CPU (bench/bench_lora_op.py).
+SMALL_RUN_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,45 @@ def _shrink_logits(pack: Pack, x: torch.Tensor) -> torch.Tensor:
     return x.to(pack.a.dtype) @ pack.a.T
 
 
+def _lora(
+    y: torch.Tensor, x: torch.Tensor, pack: Pack, scale: float, shrink, mid: torch.Tensor | None = None
+) -> None:  # noqa: ANN001
+    """``y += ((x A^T) * mid) B^T``: for a few rows of a linear layer through vLLM's oneDNN GEMMs on the pack's
+    prepacked factors (where the build has them), otherwise torch's."""
+    if (
+        shrink is _shrink_linear
+        and x.shape[0] <= SMALL_RUN_TOKENS
+        and x.is_contiguous()
+        and y.is_contiguous()
+    ):
+        kernels = pack.kernels.get("onednn")
+        if kernels is None:
+            kernels = pack.kernels["onednn"] = _onednn_kernels(pack)
+        if kernels:
+            from vllm import _custom_ops as ops
+
+            h = ops.onednn_mm(kernels[0], x, None)
+            if mid is not None:
+                h.mul_(mid)
+            y.add_(ops.onednn_mm(kernels[1], h, None), alpha=scale)
+            return
+    h = shrink(pack, x)
+    if mid is not None:
+        h.mul_(mid)
+    y.addmm_(h, pack.b.T, alpha=scale)
+
+
+def _onednn_kernels(pack: Pack) -> tuple[Any, Any] | tuple[()]:
+    try:
+        from vllm import _custom_ops as ops
+
+        if not getattr(ops, "_supports_onednn", False) or pack.b.device.type != "cpu":
+            return ()
+        return ops.create_onednn_mm(pack.a.t(), 32), ops.create_onednn_mm(pack.b.t(), 32)
+    except Exception:  # a build without these kernels: torch's GEMMs serve
+        return ()
+
+
 class PunicaWrapperGrouped(PunicaWrapperCPU):
     """Grouped, rank-exact LoRA for vLLM (see the module docstring). Sharded (fully-sharded LoRA) paths are not
     served: ``tunevec serve`` refuses ``--fully-sharded-loras``."""
@@ -259,9 +304,11 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         return self._state.layout(lora_id, module, slices)
 
     def _with_layout(self, pack: Pack | None, layout) -> Pack | None:  # noqa: ANN001
+        """A tunevec mixture's pack: its B columns times their coefficients, in float32, then in ``b``'s dtype."""
         if pack is None or layout is None:
             return pack
-        return Pack(pack.a, pack.b, layout.coef.to(pack.b.device))
+        scaled = (pack.b.float() * layout.coef.to(pack.b.device)).to(pack.b.dtype)
+        return Pack(pack.a, scaled)
 
     # --- ops --------------------------------------------------------------------------------------------------
 
@@ -382,10 +429,7 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
             pack = packs[run.slot]
             if pack is None:
                 continue
-            h = shrink(pack, x[run.start : run.stop])
-            if pack.coef is not None:
-                h.mul_(pack.coef)
-            y[run.start : run.stop].addmm_(h, pack.b.T, alpha=scale)
+            _lora(y[run.start : run.stop], x[run.start : run.stop], pack, scale, shrink)
 
     def _apply_stacked(self, y, x, key_obj, plan, packs, slots, runs, scale, shrink) -> None:  # noqa: ANN001
         """Several short runs: the slots' packs side by side, each token's coefficients on its slot's columns."""
@@ -408,17 +452,14 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                 if packs[s] is not None:
                     columns[s] = (col, packs[s])
                     col += packs[s].rank
-            mask = torch.zeros(plan.num_rows, col, dtype=torch.float32, device=y.device)
+            mask = torch.zeros(plan.num_rows, col, dtype=y.dtype, device=y.device)
             for run in runs:
                 if run.slot in columns:
                     c0, pack = columns[run.slot]
-                    values = 1.0 if pack.coef is None else pack.coef
-                    mask[run.start : run.stop, c0 : c0 + pack.rank] = values
+                    mask[run.start : run.stop, c0 : c0 + pack.rank] = 1
             plan.per_module[("mask", id(key_obj))] = mask
         n = plan.num_rows
-        h = shrink(combined, x[:n])
-        h.mul_(mask)
-        y[:n].addmm_(h, combined.b.T, alpha=scale)
+        _lora(y[:n], x[:n], combined, scale, shrink, mask)
 
     def _apply_shared(self, y, x, key_obj, plan: StepPlan, scale: float, shrink) -> None:  # noqa: ANN001
         """The step's tunevec mixtures from one stack of the vectors they use (see the module docstring)."""
@@ -433,6 +474,4 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
             table = state.table(module, plan.vectors, plan.shared_ids, y.dtype).to(y.device)
             coef = plan.per_module[("shared", id(key_obj))] = table.index_select(0, plan.row_index(y.device))
         n = plan.num_rows
-        h = shrink(stack, x[:n])
-        h.mul_(coef)
-        y[:n].addmm_(h, stack.b.T, alpha=scale)
+        _lora(y[:n], x[:n], stack, scale, shrink, coef)

@@ -22,7 +22,7 @@ import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,11 @@ class Target:
 @dataclass(frozen=True)
 class Pack:
     """Factors ready for the op: A ``[R, in]`` (None for an embedding: the layer looks its rows up) and B
-    ``[out, R]``, in the activation dtype; ``coef`` the columns' float32 coefficients (None: weights carry them)."""
+    ``[out, R]``, in the activation dtype; ``kernels``: prepared GEMMs over them, built by the op on first use."""
 
     a: torch.Tensor | None
     b: torch.Tensor
-    coef: torch.Tensor | None = None
+    kernels: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def rank(self) -> int:
@@ -110,7 +110,7 @@ def read_snapshot(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """The snapshot ``SNAPSHOT_ENV`` names, checked against the hash in its name."""
     where = environ.get(SNAPSHOT_ENV)
     if not where:
-        raise RuntimeError(f"{SNAPSHOT_ENV} is not set: per-request mixtures run inside `tunevec serve`")
+        return {}  # an engine started without `tunevec serve`: no vector to compose, any LoRA adapter still served
     text = Path(where).read_text()
     if f"snapshot-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json" != Path(where).name:
         raise RuntimeError(

@@ -43,7 +43,7 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: $(STAMP) lint
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 fixtures: $(STAMP)
 	$(VENV)/bin/tunevec fixtures build --kind tiny --out $(ARTIFACTS)/fixtures/tiny

@@ -19,6 +19,25 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Modules whose module-scoped server is parametrised: each parameter is a server of its own, so its tests form a
+# group of their own and the two xdist workers can share the module's servers out between them.
+SPLIT_BY_PARAM = {"test_architectures": "family", "test_differential": "served"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs on two xdist workers with ``--dist loadgroup``: a group's tests run in one worker, so the
+    server a module starts once is started once. Slow groups (real servers) are put first, so the two workers are
+    busy with the long ones while the quick unit tests fill the end."""
+    for item in items:
+        group = item.module.__name__
+        param = SPLIT_BY_PARAM.get(group)
+        callspec = getattr(item, "callspec", None)
+        if param and callspec is not None and param in callspec.params:
+            group += f"[{callspec.params[param]}]"
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def artifacts_dir() -> Path:
     """Where test builds go: $TUNEVEC_TEST_ARTIFACTS, else <repo>/artifacts/test (git-ignored)."""
     return Path(os.environ.get("TUNEVEC_TEST_ARTIFACTS", REPO_ROOT / "artifacts" / "test"))

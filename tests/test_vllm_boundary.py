@@ -219,3 +219,90 @@ def test_the_server_refuses_head_deltas_where_the_engine_does_not_route_them(tin
     )
     with pytest.raises(TunevecError, match="no op.*--inject"):
         registry.mixture(registry.parse("medical@mlp:0.5"))
+
+
+def test_the_api_server_and_the_workers_read_one_snapshot_whatever_happens_to_the_vectors_after(
+    tiny_fixtures, tiny_vectors, tmp_path
+) -> None:
+    """Finding 4: the API server used to re-read the vector library at start-up while the workers used the digests
+    `tunevec serve` had announced; a vector re-extracted in between put the two out of step."""
+    import shutil
+
+    from tunevec.core.extract import extract
+    from tunevec.server.commands import prepare
+    from tunevec.server.config import ServerConfig
+    from tunevec.server.mixtures import MixtureRegistry
+    from tunevec.steering.vllm import SNAPSHOT_ENV, read_snapshot
+    from tunevec.steering.vllm.state import MixtureState
+
+    vectors = tmp_path / "vectors"
+    for name in ("medical", "math"):
+        shutil.copytree(tiny_vectors / name, vectors / name)
+    config = ServerConfig.load(
+        None,
+        {
+            "base": str(tiny_fixtures / "base"),
+            "vectors": str(vectors),
+            "adapter_rank": 8,
+            "max_lora_rank": 16,
+        },
+    )
+    _, env = prepare(config)
+    announced = read_snapshot(env)["medical"]["digest"]
+    # The vector changes on disk while the engine would be starting.
+    extract(
+        tiny_fixtures / "base",
+        tiny_fixtures / "math",
+        vectors / "medical",
+        name="medical",
+        force=True,
+        progress=False,
+    )
+    registry = MixtureRegistry.from_snapshot(read_snapshot(env), config, 2)
+    worker = MixtureState(read_snapshot(env), torch.float32)
+    assert registry.vectors["medical"].digest == announced == worker.vectors["medical"]["digest"]
+    assert worker.adapters(("medical",))["medical"].meta["content_digest"] == announced
+    # The snapshot file itself cannot be changed under them.
+    path = env[SNAPSHOT_ENV]
+    with open(path, "a") as f:
+        f.write(" ")
+    with pytest.raises(RuntimeError, match="changed after the server wrote it"):
+        read_snapshot(env)
+
+
+def test_a_vector_read_in_later_never_leaves_a_stale_stack_or_table() -> None:
+    """Finding 5: the coefficient tables ignored that a new vector had been read in; a stack now belongs to one set
+    of vectors, and a table to one set of compositions."""
+    from tunevec.steering.lora import LoraAdapter
+    from tunevec.steering.spec import Spec
+    from tunevec.steering.vllm.compose import compose_mixture
+    from tunevec.steering.vllm.state import MixtureState, Target
+
+    gen = torch.Generator().manual_seed(2)
+    tensor = "model.layers.0.mlp.down_proj.weight"
+    vectors = {
+        v: LoraAdapter({tensor: (torch.randn(8, 2, generator=gen), torch.randn(2, 6, generator=gen))})
+        for v in ("a", "b")
+    }
+    state = MixtureState({}, torch.float32, resident={"a": vectors["a"]})
+    state.bind_modules(lambda t: Target("down", 0, 0, 8) if t == tensor else None, shared_stacks=True)
+    only_a = state.stack("down", ("a",), 8, torch.float32)
+    state._resident["b"] = vectors["b"]  # read in later
+    both = state.stack("down", ("a", "b"), 8, torch.float32)
+    assert only_a.rank == 2 and both.rank == 4 and state.stack("down", ("a",), 8, torch.float32) is only_a
+    for lora_id, text in ((1, "a:0.5+b:2"), (2, "b:-1")):
+        spec = Spec.parse(text)
+        state.record(
+            lora_id,
+            compose_mixture(spec, state.adapters(spec.vectors), max_rank=16, fold=False).composition,
+            keep={1, 2},
+        )
+    table = state.table("down", ("a", "b"), (1, 2), torch.float32)
+    assert table.tolist() == [[0, 0, 0, 0], [0.5, 0.5, 2, 2], [0, 0, -1, -1]]
+    spec = Spec.parse("a:3")  # id 1 reloaded in place with another mixture: its table row follows
+    state.record(
+        1,
+        compose_mixture(spec, state.adapters(spec.vectors), max_rank=16, fold=False).composition,
+        keep={1, 2},
+    )
+    assert state.table("down", ("a", "b"), (1, 2), torch.float32)[1].tolist() == [3, 3, 0, 0]

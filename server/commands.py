@@ -49,7 +49,7 @@ def prepare(config: ServerConfig) -> tuple[list[str], dict[str, str]]:
     from tunevec.server.config import engine_env, vllm_serve_command
     from tunevec.server.mixtures import MixtureRegistry
     from tunevec.steering.library import VectorLibrary
-    from tunevec.steering.lora import leaf_module
+    from tunevec.steering.lora import lora_targets
     from tunevec.steering.vllm import LOADER, LORA, SNAPSHOT_ENV, WORKER_EXTENSION, write_snapshot
 
     base = Checkpoint(config.base)
@@ -63,7 +63,7 @@ def prepare(config: ServerConfig) -> tuple[list[str], dict[str, str]]:
     if config.inject:
         registry.parse(config.inject)
         loader = {"spec": config.inject, "vectors": library.paths(), "base": config.base}
-    targets = sorted({leaf_module(m) for f in registry.vectors.values() for m in f.module_ranks})
+    targets = lora_targets([m for f in registry.vectors.values() for m in f.carried])
     command = vllm_serve_command(
         config.base,
         config.served_model_name,

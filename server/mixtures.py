@@ -46,14 +46,23 @@ class VectorFactors:
     # tensor name -> (||tau||^2, carried by an adapter); zero tensors count as carried (nothing to carry).
     energy: dict[str, tuple[float, bool]]
     dropped: dict[str, float]  # kind -> share of ||tau||^2
+    deltas: tuple[str, ...] = ()  # tensors kept whole (norms, biases), applied per request as they are
 
     @classmethod
     def prepare(cls, vec: TuningVector, cache_dir: str, settings: LoraSettings) -> VectorFactors:
         path = factor_cache(vec, cache_dir, **settings.factorise_kwargs())
         meta = read_meta(path)
         ranks = {k: int(v) for k, v in meta.get("module_ranks", {}).items()}
-        energy = {n: (e.norm**2, n in ranks or e.norm == 0) for n, e in vec.manifest.tensors.items()}
-        return cls(vec.name, vec.content_digest, str(path), ranks, energy, dict(meta.get("dropped", {})))
+        deltas = tuple(meta.get("deltas", ()))
+        energy = {
+            n: (e.norm**2, n in ranks or n in deltas or e.norm == 0) for n, e in vec.manifest.tensors.items()
+        }
+        return cls(vec.name, vec.content_digest, str(path), ranks, energy, dict(meta.get("dropped", {})), deltas)
+
+    @property
+    def carried(self) -> list[str]:
+        """The tensors an adapter slot carries: factorised modules and whole deltas."""
+        return [*self.module_ranks, *self.deltas]
 
     def to_json(self) -> dict[str, Any]:
         """This vector's entry in the server's snapshot (``tunevec.steering.vllm.write_snapshot``): the workers
@@ -65,6 +74,7 @@ class VectorFactors:
             "module_ranks": self.module_ranks,
             "energy": {n: [e, ok] for n, (e, ok) in self.energy.items()},
             "dropped": self.dropped,
+            "deltas": list(self.deltas),
         }
 
     @classmethod
@@ -77,11 +87,13 @@ class VectorFactors:
             dict(data["module_ranks"]),
             energy,
             dict(data["dropped"]),
+            tuple(data.get("deltas", ())),
         )
 
     def restricted_to(self, carried: set[str]) -> VectorFactors:
-        """These factors as the engine serves them: modules outside ``carried`` count as left out (kind ``module``)."""
-        lost = [n for n in self.module_ranks if n not in carried]
+        """These factors as the engine serves them: tensors outside ``carried`` count as left out (kind
+        ``module``)."""
+        lost = [n for n in self.carried if n not in carried]
         if not lost:
             return self
         energy = {n: (e, ok and n not in lost) for n, (e, ok) in self.energy.items()}
@@ -90,7 +102,8 @@ class VectorFactors:
         lost_energy = sum(self.energy[n][0] for n in lost if n in self.energy)
         dropped["module"] = dropped.get("module", 0.0) + (lost_energy / total if total else 0.0)
         ranks = {n: r for n, r in self.module_ranks.items() if n not in lost}
-        return VectorFactors(self.name, self.digest, self.path, ranks, energy, dropped)
+        deltas = tuple(n for n in self.deltas if n not in lost)
+        return VectorFactors(self.name, self.digest, self.path, ranks, energy, dropped, deltas)
 
     def intact(self) -> bool:
         """Whether the factor folder on disk still holds these factors, readable and of this content."""
@@ -213,7 +226,8 @@ class MixtureRegistry:
             self.no_head_delta = self.no_head_delta or answer.get("head_delta")
 
     def factor_modules(self) -> list[str]:
-        return sorted({m for f in self.vectors.values() for m in f.module_ranks})
+        """Every tensor some vector's adapter carries (factorised modules and whole deltas)."""
+        return sorted({m for f in self.vectors.values() for m in f.carried})
 
     def repair(self, names: tuple[str, ...]) -> bool:
         """Rebuild the factor folders of ``names`` that were deleted or damaged since start-up; True if any was.
@@ -294,13 +308,14 @@ class MixtureRegistry:
             if share > limit:
                 kinds = ", ".join(sorted(self.vectors[comp.vector].dropped))
                 raise TunevecError(
-                    f"vector {comp.vector!r} (as {str(comp)!r}): {share:.2%} of its ||tau||^2 has no LoRA slot "
-                    f"({kinds}), above the server's max_dropped_share {format_number(limit)}; serve it exactly "
-                    "with `tunevec serve --inject`, or raise --max-dropped-share"
+                    f"vector {comp.vector!r} (as {str(comp)!r}): {share:.2%} of its ||tau||^2 is not carried per "
+                    f"request by this engine ({kinds}), above the server's max_dropped_share "
+                    f"{format_number(limit)}; serve it exactly with `tunevec serve --inject`, or raise "
+                    "--max-dropped-share"
                 )
         ranks = self.module_ranks(spec)
         summed = max(ranks.values(), default=0)
-        if summed == 0:
+        if summed == 0 and not self.deltas(spec):
             raise TunevecError(
                 f"spec {spec.canonical()!r} selects no module an adapter carries (check its scopes)"
             )
@@ -316,6 +331,12 @@ class MixtureRegistry:
         request = mixture_request(name, lora_id, spec.canonical())
         return Mixture(spec, name, request, min(summed, cap), summed > cap, left_out)
 
+    def deltas(self, spec: Spec) -> list[str]:
+        """The whole tensors (norms, biases) the spec's components move, applied per request as they are."""
+        return sorted(
+            {n for c in spec.components if c.alpha != 0 for n in self.vectors[c.vector].deltas if c.applies_to(n)}
+        )
+
     def describe(self, spec: Spec) -> dict:
         """What a spec would run as, without serving it: rank per module, truncation, what adapters leave out."""
         ranks = self.module_ranks(spec)
@@ -327,6 +348,7 @@ class MixtureRegistry:
             "method": spec.method,
             "rank": summed,
             "modules": dict(sorted(ranks.items())),  # checkpoint tensors the adapters carry, with their ranks
+            "deltas": self.deltas(spec),  # norm and bias tensors carried whole
             "max_rank": self.settings.max_lora_rank,
             "needs_truncation": summed > self.settings.max_lora_rank,
             "truncation_allowed": self.settings.allow_truncation,

@@ -1,10 +1,12 @@
 """Low-rank adapters from tuning vectors, and exact mixtures of them.
 
 Each vector is factorised once per server (``factor_cache``): every 2-D tensor of tau that a LoRA slot can carry
-(attention and MLP projections, the input embedding) becomes B (out x r) A (r x in), at a fixed rank or at the
-smallest rank keeping a share of its energy. Tensors whose tau is zero are left out, so they cost nothing when
-served. Biases, norms and the output head have no LoRA slot in vLLM; their share of ||tau||^2 is recorded per
-vector as ``dropped``.
+(attention and MLP projections, the input embedding and output head) becomes B (out x r) A (r x in), at a fixed
+rank or at the smallest rank keeping a share of its energy. Norm weights and biases and the linear layers' biases
+have no LoRA slot; they are kept whole as **deltas** (``LoraAdapter.deltas``), which the server applies per request
+exactly (``tunevec.steering.vllm``: per-slot norm weights and bias adds). Tensors whose tau is zero are left out,
+so they cost nothing when served. What is neither factorised nor kept whole is recorded per vector as
+``dropped`` (its share of ||tau||^2).
 
 A mixture sum_i alpha_i * B_i A_i is itself one LoRA: B = [alpha_1 B_1 ... alpha_k B_k], A = [A_1; ...; A_k], of rank
 sum r_i. That identity makes per-request mixing exact (``compose``); only when the summed rank exceeds the engine's
@@ -38,12 +40,13 @@ from tunevec.steering.spec import Spec
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_META = "tunevec_adapter.json"
+DELTAS_FILE = "tunevec_deltas.safetensors"  # the 1-D deltas (norms, biases), beside the PEFT factors
 # Roles whose 2-D weights a LoRA slot carries (vLLM wraps linear layers, the input embedding and the output head).
 CARRIED_ROLES = frozenset({"attention", "mlp", "embedding", "head", "other"})
 # The module vLLM's LoRA manager wraps as the output head (LogitsProcessorWithLoRA).
 HEAD = "lm_head.weight"
 # Bumped whenever what ``adapter_from_vector`` writes changes, so factor caches from older code are not reused.
-FACTORS_VERSION = 3
+FACTORS_VERSION = 4
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -61,6 +64,7 @@ class LoraAdapter:
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     meta: dict = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # 1-D tensors of tau kept whole
 
     @property
     def max_module_rank(self) -> int:
@@ -98,9 +102,15 @@ class LoraAdapter:
         with StagedFolder(path, replace=True) as tmp:
             save_file(peft_tensors(padded), tmp / "adapter_model.safetensors")
             digest = hashlib.sha256((tmp / "adapter_model.safetensors").read_bytes()).hexdigest()
+            extra = {}
+            if self.deltas:
+                save_file({n: t.float().contiguous() for n, t in self.deltas.items()}, tmp / DELTAS_FILE)
+                extra["deltas_sha256"] = hashlib.sha256((tmp / DELTAS_FILE).read_bytes()).hexdigest()
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
             (tmp / ADAPTER_META).write_text(
-                json.dumps({**self.meta, "r": r, "module_ranks": ranks, "tensors_sha256": digest}, indent=1)
+                json.dumps(
+                    {**self.meta, "r": r, "module_ranks": ranks, "tensors_sha256": digest, **extra}, indent=1
+                )
             )
         return Path(path)
 
@@ -118,6 +128,12 @@ class LoraAdapter:
                 raise TunevecError("adapter_model.safetensors does not match its recorded checksum")
             tensors = load(raw)
             scale = config["lora_alpha"] / config["r"]
+            deltas = {}
+            if meta.get("deltas_sha256") is not None:
+                raw = (p / DELTAS_FILE).read_bytes()
+                if hashlib.sha256(raw).hexdigest() != meta["deltas_sha256"]:
+                    raise TunevecError(f"{DELTAS_FILE} does not match its recorded checksum")
+                deltas = load(raw)
         except Exception as exc:  # safetensors raises its own error type for a damaged file
             raise TunevecError(f"{p}: not a readable PEFT LoRA adapter folder: {exc}") from exc
         # Our own adapters record each module's true rank, so the zero padding is dropped again on load
@@ -127,12 +143,26 @@ class LoraAdapter:
         for name, (b, a) in from_peft_tensors(tensors).items():
             rm = ranks.get(name, config["r"])
             factors[name] = (b[:, :rm] * scale, a[:rm])
-        return cls(factors, meta)
+        return cls(factors, meta, deltas)
+
+
+def lora_targets(tensors: list[str]) -> list[str]:
+    """vLLM's ``--lora-target-modules`` for adapters carrying ``tensors``: each factorised or biased linear layer's
+    leaf name, and ``lm_head`` for an output head, which vLLM wraps under that name whatever the checkpoint calls it
+    (GPT-NeoX: ``embed_out``)."""
+    out = set()
+    for name in tensors:
+        role = classify(name)
+        if role.role == "head":
+            out.add("lm_head")
+        elif role.role != "norm" and (name.endswith(".weight") or (role.param == "bias" and role.is_linear)):
+            out.add(leaf_module(name))
+    return sorted(out)
 
 
 def leaf_module(name: str) -> str:
     """The module a weight belongs to, as PEFT's ``target_modules`` names it: ``...q_proj.weight`` -> ``q_proj``."""
-    return name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
 
 
 def peft_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -172,6 +202,15 @@ def carried(name: str, shape: list[int] | tuple[int, ...]) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and classify(name).role in CARRIED_ROLES
 
 
+def kept_whole(name: str, shape: list[int] | tuple[int, ...]) -> bool:
+    """Whether the server carries this tensor's delta whole, per request: a norm's weight or bias, or the bias of a
+    linear layer (the engine adds it to that layer's output)."""
+    if len(shape) != 1:
+        return False
+    role = classify(name)
+    return role.role == "norm" or (role.param == "bias" and role.role in ("attention", "mlp", "head"))
+
+
 def dropped_kind(name: str) -> str:
     """How an uncarried tensor is reported: ``bias``, or its role (``norm``, ``head``, ...)."""
     return "bias" if name.endswith(".bias") else classify(name).role
@@ -197,8 +236,10 @@ def adapter_from_vector(
         raise TunevecError(f"rank {rank} outside 1..{max_rank}")
     entries = vector.manifest.tensors
     wanted = [n for n, e in entries.items() if carried(n, e.shape) and e.norm > 0]
+    whole = [n for n, e in entries.items() if kept_whole(n, e.shape) and e.norm > 0]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: dict[str, dict] = {}
+    deltas = {name: tau.to(torch.float32) for name, tau in vector.stream(whole)}
     for name, tau in vector.stream(wanted):
         # the rank is an upper bound: a module narrower than it (a small model's k/v projections) is kept exactly
         full = min(tau.shape[0], tau.numel() // max(tau.shape[0], 1))
@@ -220,7 +261,7 @@ def adapter_from_vector(
     total = sum(e.norm**2 for e in entries.values())
     dropped: dict[str, float] = {}
     for name, e in entries.items():
-        if not carried(name, e.shape) and e.norm > 0:
+        if not carried(name, e.shape) and not kept_whole(name, e.shape) and e.norm > 0:
             kind = dropped_kind(name)
             dropped[kind] = dropped.get(kind, 0.0) + e.norm**2
     meta = {
@@ -231,10 +272,11 @@ def adapter_from_vector(
         "rank": rank,
         "energy_target": energy,
         "modules": modules,
-        # Share of ||tau||^2 that no LoRA slot carries (biases, norms, head), by kind.
+        "deltas": sorted(deltas),
+        # Share of ||tau||^2 that neither a LoRA slot nor a whole delta carries, by kind.
         "dropped": {kind: e / total if total else 0.0 for kind, e in dropped.items()},
     }
-    return LoraAdapter(factors, meta)
+    return LoraAdapter(factors, meta, deltas)
 
 
 def factor_cache(

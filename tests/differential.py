@@ -177,7 +177,8 @@ async def _send(
 def reference_weights(
     base: Path, vectors: Path, cache_dir: Path, spec_text: str, lora_dtype: torch.dtype, carried: set[str]
 ) -> dict[str, torch.Tensor]:
-    """base + sum_i alpha_i B_i A_i of the carried tensors, with the server's own factors rounded to the LoRA dtype."""
+    """base + sum_i alpha_i B_i A_i of the carried tensors, with the server's own factors rounded to the LoRA dtype,
+    and + sum_i alpha_i tau_i of the tensors carried whole (norms, biases)."""
     if spec_text == "base":
         return {}
     spec = Spec.parse(spec_text)
@@ -192,7 +193,8 @@ def reference_weights(
                 t: (b.to(lora_dtype).float(), a.to(lora_dtype).float())
                 for t, (b, a) in loaded.factors.items()
                 if t in carried
-            }
+            },
+            deltas={t: d for t, d in loaded.deltas.items() if t in carried},
         )
     mixture = compose(spec, adapters, max_rank=10**6)
     checkpoint = Checkpoint(base)
@@ -206,6 +208,11 @@ def reference_weights(
         if tensor == "lm_head.weight" and name != tensor:
             continue  # a tied head is the embedding: moved once, with the embedding
         out[name] = (checkpoint.read(name).double() + mixture.delta(tensor).double()).float()
+    for comp in spec.components:
+        for tensor, delta in adapters[comp.vector].deltas.items():
+            if comp.applies_to(tensor):
+                current = out.get(tensor, checkpoint.read(tensor).double())
+                out[tensor] = (current.double() + comp.alpha * delta.double()).float()
     return out
 
 
@@ -329,7 +336,7 @@ def carried_tensors(url: str, names: list[str]) -> set[str]:
     for name in names:
         r = httpx.post(url + "/v1/tunevec/describe", json={"spec": name}, timeout=60)
         r.raise_for_status()
-        out.update(r.json()["modules"])
+        out.update(r.json()["modules"], r.json()["deltas"])
     return out
 
 

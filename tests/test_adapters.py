@@ -34,9 +34,12 @@ def test_full_rank_adapter_reproduces_every_carried_tau(library):
     for name, tau in vec.stream():
         if tau.dim() == 2:  # every projection and the embedding table
             torch.testing.assert_close(adapter.delta(name), tau, atol=1e-4, rtol=1e-4)
-    # Only the norms have no LoRA slot; nothing else is left out.
-    assert set(adapter.meta["dropped"]) == {"norm"}
-    assert 0 < adapter.meta["dropped"]["norm"] < 1
+    # The norms have no LoRA slot: they are kept whole, so nothing is left out.
+    assert adapter.meta["dropped"] == {}
+    norms = {name: tau for name, tau in vec.stream() if tau.dim() == 1}
+    assert norms and set(adapter.deltas) == set(norms) == set(adapter.meta["deltas"])
+    for name, tau in norms.items():
+        assert torch.equal(adapter.deltas[name], tau.float())
 
 
 def test_tied_embeddings_give_the_head_the_embedding_factors(library):

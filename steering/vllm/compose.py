@@ -21,7 +21,7 @@ the vectors').
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,8 @@ class Composition:
 
     canonical: str
     blocks: dict[str, tuple[Block, ...]]
+    # tensors kept whole (norm weights and biases, linear biases) -> (vector, summed alpha) per vector using them
+    deltas: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
 
     @property
     def factored(self) -> bool:
@@ -56,7 +58,8 @@ class Composition:
 
     @property
     def vectors(self) -> tuple[str, ...]:
-        return tuple(sorted({b.vector for blocks in self.blocks.values() for b in blocks} - {FOLDED}))
+        used = {b.vector for blocks in self.blocks.values() for b in blocks} - {FOLDED}
+        return tuple(sorted(used | {v for parts in self.deltas.values() for v, _ in parts}))
 
     def rank(self, tensor: str) -> int:
         return sum(b.rank for b in self.blocks.get(tensor, ()))
@@ -90,13 +93,16 @@ def compose_mixture(
     without tunevec's op). A tensor whose summed rank exceeds ``max_rank`` is folded and re-truncated.
     """
     coefficients: dict[str, dict[str, float]] = {}  # tensor -> vector -> alpha
+    whole: dict[str, dict[str, float]] = {}
     for comp in spec.components:
         if comp.alpha == 0:
             continue
-        for tensor in adapters[comp.vector].factors:
-            if comp.applies_to(tensor):
-                per_vector = coefficients.setdefault(tensor, {})
-                per_vector[comp.vector] = per_vector.get(comp.vector, 0.0) + comp.alpha
+        adapter = adapters[comp.vector]
+        for table, tensors in ((coefficients, adapter.factors), (whole, adapter.deltas)):
+            for tensor in tensors:
+                if comp.applies_to(tensor):
+                    per_vector = table.setdefault(tensor, {})
+                    per_vector[comp.vector] = per_vector.get(comp.vector, 0.0) + comp.alpha
     blocks: dict[str, tuple[Block, ...]] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     truncated: dict[str, float] = {}
@@ -119,4 +125,6 @@ def compose_mixture(
                 torch.cat([a for _, _, _, a in parts], dim=0).contiguous(),
             )
             blocks[tensor] = tuple(Block(v, b.shape[1], alpha) for v, alpha, b, _ in parts)
-    return ComposedMixture(Composition(spec.canonical(), blocks), factors, truncated)
+    deltas = {t: tuple((v, a) for v, a in per.items() if a != 0) for t, per in whole.items()}
+    deltas = {t: parts for t, parts in deltas.items() if parts}
+    return ComposedMixture(Composition(spec.canonical(), blocks, deltas), factors, truncated)

@@ -28,14 +28,16 @@ import torch
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager, create_lora_manager
 from vllm.lora.peft_helper import PEFTHelper
+from vllm.lora.utils import replace_submodule
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
-from tunevec.steering.lora import LoraAdapter, peft_tensors
+from tunevec.steering.lora import peft_tensors
 from tunevec.steering.spec import Spec
 from tunevec.steering.vllm.compat import UnverifiedVllm, installed, require
 from tunevec.steering.vllm.compose import compose_mixture
+from tunevec.steering.vllm.norms import NormWithDeltas, norm_kind
 from tunevec.steering.vllm.punica import PunicaWrapperGrouped
-from tunevec.steering.vllm.state import MIXTURE_PREFIX, MixtureState, Target, read_snapshot
+from tunevec.steering.vllm.state import MIXTURE_PREFIX, DeltaTarget, MixtureState, Target, read_snapshot
 
 logger = logging.getLogger("vllm.tunevec.lora")  # a "vllm." name: vLLM's handler prints it in every process
 
@@ -97,28 +99,67 @@ class ModuleMap:
     LoRA-wrapped module or a packed part of one (q_proj of qkv_proj). Anything else vLLM would drop without a word.
     """
 
-    def __init__(self, manager: Any):
+    def __init__(self, manager: Any, whole: bool):
         mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
         self._mapper = None if mapper is None else mapper.get_rename_mapper()
         self._model = manager.model
         self._modules = manager.modules
         self._packed = manager.packed_modules
+        self._whole = whole  # tensors kept whole can be applied (tunevec's grouped op runs the steps)
         self._targets: dict[str, Target | None] = {}
+        self._delta_targets: dict[str, DeltaTarget | None] = {}
 
     def target(self, tensor: str) -> Target | None:
+        """Where a factorised (2-D) tensor's delta lands: a LoRA module, or a slice of a packed one."""
         if tensor not in self._targets:
             self._targets[tensor] = self._find(tensor)
         return self._targets[tensor]
 
-    def _find(self, tensor: str) -> Target | None:
+    def delta_target(self, tensor: str) -> DeltaTarget | None:
+        """Where a tensor kept whole applies: a norm this engine can move per token (``norms.py``), or the output
+        of a LoRA-wrapped linear layer for its bias (not under tensor parallelism, whose shards tunevec does not
+        cut biases for)."""
+        if tensor not in self._delta_targets:
+            self._delta_targets[tensor] = self._find_delta(tensor) if self._whole else None
+        return self._delta_targets[tensor]
+
+    def carries(self, tensor: str) -> bool:
+        return self.target(tensor) is not None or self.delta_target(tensor) is not None
+
+    def _module_name(self, path: str) -> str:
+        """vLLM's name of the module at checkpoint path ``path`` (the model's weight mapper applied)."""
         from vllm.lora.utils import parse_fine_tuned_lora_name
 
-        if unfaithful(self._model, tensor):
-            return None
-        dummy = torch.zeros(1, 1)
-        module, _ = parse_fine_tuned_lora_name(
-            next(iter(peft_tensors({tensor: (dummy, dummy)}))), self._mapper
-        )
+        return parse_fine_tuned_lora_name(f"base_model.model.{path}.lora_A.weight", self._mapper)[0]
+
+    def _find_delta(self, tensor: str) -> DeltaTarget | None:
+        from tunevec.core.roles import classify
+
+        path, _, param = tensor.rpartition(".")
+        role = classify(tensor)
+        if role.role == "norm":
+            name = self._module_name(path)
+            try:
+                module = self._model.get_submodule(name)
+            except AttributeError:
+                return None
+            base = module.base_layer if isinstance(module, NormWithDeltas) else module
+            if norm_kind(base) is None or getattr(base, param, None) is None:
+                return None
+            return DeltaTarget("norm", name, param)
+        if param == "bias" and role.is_linear:
+            target = self.target(path + ".weight")
+            if target is None or getattr(self._modules[target.module], "tp_size", 1) > 1:
+                return None
+            return DeltaTarget("bias", target.module, "bias", target)
+        return None
+
+    def _find(self, tensor: str) -> Target | None:
+        from tunevec.core.roles import classify
+
+        module = self._module_name(tensor.rpartition(".")[0])
+        if module not in self._modules and classify(tensor).role == "head" and "lm_head" in self._modules:
+            module = "lm_head"  # vLLM's name of the output head whatever the checkpoint calls it (embed_out)
         layer = self._modules.get(module)
         if layer is not None:
             slices = getattr(layer, "output_slices", None)
@@ -132,38 +173,73 @@ class ModuleMap:
         return None
 
 
-def unfaithful(model: Any, tensor: str) -> bool:
-    """Whether this engine's LoRA would not reproduce base + tau for ``tensor``: an embedding or head delta on a
-    model that multiplies its input embeddings by a normaliser (Gemma's sqrt(hidden)).
-
-    On such models vLLM's embedding and tied-head LoRA did not reproduce base + tau: a Gemma 2 mixture served
-    0.29 nats per token away from transformers while its attention and MLP parts matched to 4e-3
-    (tests/test_architectures.py). Their embedding and head deltas are neither composed nor stacked, and the
-    server reports them as left out (the x-tunevec-left-out header, the --max-dropped-share check).
-    """
-    from tunevec.core.roles import classify
-
-    inner = getattr(model, "model", None)
-    return getattr(inner, "normalizer", None) is not None and classify(tensor).role in ("embedding", "head")
-
-
 class GroupedLoRAModelManager(LRUCacheLoRAModelManager):
     """vLLM's LRU manager that binds the worker's state to its grouped wrappers and tells them when a
     slot's adapter changes."""
 
     def __init__(self, *args: Any, tunevec_state: MixtureState, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self._wrap_embedding_head()
         # The shared stacks hold whole tensors: under tensor parallelism each rank would need its shard, so
         # mixtures are served from their own (sharded) slots there.
         sharded = any(getattr(m, "tp_size", 1) > 1 for m in self.modules.values())
-        tunevec_state.bind_modules(ModuleMap(self).target, shared_stacks=not sharded)
         self.grouped = [
             w for w in self.punica_wrapper_mapping.values() if isinstance(w, PunicaWrapperGrouped)
         ]
+        modules = ModuleMap(self, whole=bool(self.grouped))
+        plan = (lambda: self.grouped[0]._plan) if self.grouped else None
+        tunevec_state.bind_modules(modules.target, not sharded, modules.delta_target, plan)
         for wrapper in self.grouped:
             wrapper.bind(tunevec_state, self.modules)
         if self.grouped:
             tunevec_state.token_slots = lambda: self.grouped[0].token_lora_indices
+        # Norms some served vector moves get their per-token deltas (norms.py), as vLLM wraps its LoRA layers.
+        moved = {t for entry in tunevec_state.vectors.values() for t in entry.get("deltas", ())}
+        for tensor in sorted(moved):
+            target = modules.delta_target(tensor)
+            if target is not None and target.kind == "norm":
+                module = self.model.get_submodule(target.module)
+                if not isinstance(module, NormWithDeltas):
+                    wrapped = NormWithDeltas(module, target.module, tunevec_state)
+                    replace_submodule(self.model, target.module, wrapped)
+
+    def _wrap_embedding_head(self) -> None:
+        """Give LoRA to the output head of models that compute logits with their input embedding.
+
+        vLLM wraps a model's ``logits_processor`` only beside a module named ``lm_head``. Gemma's models have none:
+        ``compute_logits`` passes ``model.embed_tokens`` itself. A tied embedding delta then moved the input
+        embedding but not the head, and a Gemma 2 mixture was 0.29 nats per token away from base + tau. Here the
+        logits processor of such a model is wrapped as vLLM wraps any other (``LogitsProcessorWithLoRA``), under
+        the name ``lm_head``, so the head carries the same factors as the embedding, as it does on tied models
+        with an ``lm_head``.
+        """
+        from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+        from vllm.lora.utils import from_layer_logits_processor
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        if any(name.rpartition(".")[2] == "lm_head" for name in self.modules):
+            return
+        processor = getattr(self.model, "logits_processor", None)
+        config = getattr(self.model, "config", None)
+        if (
+            processor is None
+            or isinstance(processor, LogitsProcessorWithLoRA)
+            or hasattr(self.model, "lm_head")
+        ):
+            return
+        if not getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):
+            return
+        embeddings = [m for m in self.model.modules() if type(m) is VocabParallelEmbedding]
+        if len(embeddings) != 1:
+            return
+        wrapped = from_layer_logits_processor(
+            processor, embeddings[0], self.lora_slots, self.lora_config, config
+        )
+        replace_submodule(self.model, "logits_processor", wrapped)
+        self.register_module("lm_head", wrapped)
+        wrapped.set_mapping(
+            self._get_punica_wrapper("lm_head") or next(iter(self.punica_wrapper_mapping.values()))
+        )
 
     def activate_adapter(self, lora_id: int) -> bool:
         activated = super().activate_adapter(lora_id)
@@ -207,13 +283,10 @@ class TunevecWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             return super()._load_adapter(lora_request)
         spec = Spec.parse(lora_request.lora_path.removeprefix(MIXTURE_PREFIX))
         model = self._adapter_manager.model
-        adapters = {
-            name: LoraAdapter({t: f for t, f in a.factors.items() if not unfaithful(model, t)}, a.meta)
-            for name, a in self.state.adapters(spec.vectors).items()
-        }
+        adapters = self.state.adapters(spec.vectors)
         max_rank = self.lora_config.max_lora_rank
         mixed = compose_mixture(spec, adapters, max_rank=max_rank, fold=not self.grouped)
-        if not mixed.factors:
+        if not mixed.factors and not mixed.composition.deltas:
             raise ValueError(f"mixture {spec.canonical()!r} selects no module this engine can adapt")
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         lora = LoRAModel.from_lora_tensors(
@@ -243,10 +316,10 @@ class TunevecWorkerExtension:
         """The checkpoint tensors whose deltas this engine's LoRA modules receive (``ModuleMap``)."""
         manager = self._tunevec_manager()
         if manager is None:
-            targets = ModuleMap(self.model_runner.lora_manager._adapter_manager).target
-        else:
-            targets = manager.state.target
-        return [name for name in tensor_names if targets(name) is not None]
+            modules = ModuleMap(self.model_runner.lora_manager._adapter_manager, whole=False)
+            return [name for name in tensor_names if modules.carries(name)]
+        state = manager.state
+        return [n for n in tensor_names if state.target(n) is not None or state.delta_target(n) is not None]
 
     def tunevec_stats(self) -> dict[str, int]:
         """How the grouped op has served this worker's steps so far (``MixtureState.stats``)."""

@@ -243,15 +243,18 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         self._combined: dict[tuple[int, tuple[int, ...]], Pack | None] = {}
         self._state: MixtureState | None = None
         self._names: dict[int, str] = {}  # id(a layer's stacked weights) -> its module name
+        self._layers: dict[int, Any] = {}  # id(a layer's stacked A) -> the layer
         self._plan = StepPlan([], 0, [], None)
 
     def bind(self, state: MixtureState | None, modules: dict[str, Any]) -> None:
         """Name the LoRA layers (``{module name: layer}``) and give the worker's tunevec state."""
-        self._names = {}
+        self._names, self._layers = {}, {}
         for name, layer in modules.items():
             for attr in ("lora_a_stacked", "lora_b_stacked"):
                 if hasattr(layer, attr):
                     self._names[id(getattr(layer, attr))] = name
+            if hasattr(layer, "lora_a_stacked"):
+                self._layers[id(layer.lora_a_stacked)] = layer
         self._state = state
         self._combined.clear()
 
@@ -335,15 +338,31 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                 pack_linear(lora_a_stacked, lora_b_stacked, slot, x.dtype, ranks), layout
             )
 
-        self._apply(
-            y.view(-1, y.shape[-1]),
-            x.view(-1, x.shape[-1]),
-            lora_a_stacked,
-            build,
-            plan,
-            scale,
-            _shrink_linear,
-        )
+        y2 = y.view(-1, y.shape[-1])
+        self._apply(y2, x.view(-1, x.shape[-1]), lora_a_stacked, build, plan, scale, _shrink_linear)
+        if self._state is not None:
+            self._add_biases(y2, lora_a_stacked, lora_b_stacked, plan)
+
+    def _add_biases(self, y: torch.Tensor, lora_a_stacked: Any, lora_b_stacked: Any, plan: StepPlan) -> None:
+        """Each run's bias delta (``sum_i alpha_i beta_i`` of its mixture) added to its rows of the output."""
+        module = self._names.get(id(lora_a_stacked))
+        if module is None:
+            return
+
+        def build(slot: int) -> torch.Tensor | None:
+            lora_id = self._slot_ids[slot] if slot < len(self._slot_ids) else None
+            parts = [] if lora_id is None else self._state.bias_deltas(lora_id, module)
+            if not parts:
+                return None
+            bias = torch.zeros(y.shape[-1], dtype=torch.float32, device=y.device)
+            for target, delta in parts:
+                bias[target.row : target.row + target.rows] += delta.to(y.device)
+            return bias.to(y.dtype)
+
+        for run in plan.runs:
+            bias = self._pack(lora_b_stacked, run.slot, build)
+            if bias is not None:
+                y[run.start : run.stop] += bias
 
     def add_lora_embedding(
         self,

@@ -51,6 +51,17 @@ class Target:
 
 
 @dataclass(frozen=True)
+class DeltaTarget:
+    """Where a tensor kept whole applies: a norm module (``kind`` "norm") or a LoRA-wrapped linear layer's output
+    (``kind`` "bias", at ``target``'s slice)."""
+
+    kind: str
+    module: str
+    param: str  # "weight" or "bias"
+    target: Target | None = None  # biases: the slice they add to
+
+
+@dataclass(frozen=True)
 class Pack:
     """Factors ready for the op: A ``[R, in]`` (None for an embedding: the layer looks its rows up) and B
     ``[out, R]``, in the activation dtype; ``kernels``: prepared GEMMs over them, built by the op on first use."""
@@ -134,7 +145,7 @@ class MixtureState:
         # name -> factors in the LoRA dtype; ``resident`` gives some up front (benchmarks and tests of the op).
         self._resident: dict[str, LoraAdapter] = {
             n: LoraAdapter(
-                {t: (b.to(lora_dtype), a.to(lora_dtype)) for t, (b, a) in f.factors.items()}, f.meta
+                {t: (b.to(lora_dtype), a.to(lora_dtype)) for t, (b, a) in f.factors.items()}, f.meta, f.deltas
             )
             for n, f in (resident or {}).items()
         }
@@ -143,6 +154,10 @@ class MixtureState:
         self._stacks = _Bounded(STACKED_SETS)
         self._tables = _Bounded(TABLES_KEPT)
         self._targets: Callable[[str], Target | None] | None = None
+        self._delta_targets: Callable[[str], DeltaTarget | None] | None = None
+        self._summed: dict[int, dict[str, torch.Tensor]] = {}  # lora id -> tensor -> sum_i alpha_i delta_i
+        self._norms: dict[int, dict[str, tuple | None]] = {}  # lora id -> norm module -> (dw, db) or None
+        self._plan_source: Callable[[], Any] | None = None
         self.shared_stacks = False  # set by bind_modules: off under tensor parallelism (stacks are unsharded)
         # Which adapter slot each logits row belongs to, while vLLM computes one request's prompt logprobs
         # (logits.py); None outside such a call, when the rows are the step's sampled rows.
@@ -154,10 +169,26 @@ class MixtureState:
 
     # --- the engine's modules ---------------------------------------------------------------------------------
 
-    def bind_modules(self, targets: Callable[[str], Target | None], shared_stacks: bool) -> None:
-        """How checkpoint tensors map to vLLM's LoRA modules, and whether shared stacks may serve them."""
+    def bind_modules(
+        self,
+        targets: Callable[[str], Target | None],
+        shared_stacks: bool,
+        delta_targets: Callable[[str], DeltaTarget | None] | None = None,
+        plan: Callable[[], Any] | None = None,
+    ) -> None:
+        """How checkpoint tensors map to vLLM's LoRA modules (and, for tensors kept whole, to norm modules and
+        biased layers), whether shared stacks may serve them, and where the current step's plan is found."""
         self._targets = targets
+        self._delta_targets = delta_targets
         self.shared_stacks = shared_stacks
+        self._plan_source = plan
+
+    def plan(self) -> Any:
+        """The grouped op's plan of the step being computed (None before the first step)."""
+        return None if self._plan_source is None else self._plan_source()
+
+    def delta_target(self, tensor: str) -> DeltaTarget | None:
+        return None if self._delta_targets is None else self._delta_targets(tensor)
 
     def target(self, tensor: str) -> Target | None:
         if self._targets is None:
@@ -188,7 +219,7 @@ class MixtureState:
                         t: (b.to(self.lora_dtype), a.to(self.lora_dtype))
                         for t, (b, a) in loaded.factors.items()
                     }
-                    adapter = self._resident[name] = LoraAdapter(factors, loaded.meta)
+                    adapter = self._resident[name] = LoraAdapter(factors, loaded.meta, loaded.deltas)
                 out[name] = adapter
         return out
 
@@ -200,8 +231,14 @@ class MixtureState:
             for old in [i for i in self._compositions if i not in keep and i != lora_id]:
                 del self._compositions[old]
                 self._layouts.pop(old, None)
+            for old in [i for i in self._summed if i not in keep and i != lora_id]:
+                del self._summed[old]
+            for old in [i for i in self._norms if i not in keep and i != lora_id]:
+                del self._norms[old]
             self._compositions[lora_id] = composition
             self._layouts.pop(lora_id, None)
+            self._summed.pop(lora_id, None)
+            self._norms.pop(lora_id, None)
             self._tables.clear()
 
     def composition(self, lora_id: int | None) -> Composition | None:
@@ -228,6 +265,61 @@ class MixtureState:
             coef = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32)
             per_module[module] = SlotLayout(tuple(ranks), coef)
         return per_module[module]
+
+    # --- tensors kept whole: norm weights and biases, linear biases --------------------------------------------
+
+    def summed_delta(self, lora_id: int, tensor: str) -> torch.Tensor | None:
+        """``sum_i alpha_i delta_i`` of adapter ``lora_id`` for a tensor kept whole, in float32; None if it has none."""
+        composition = self._compositions.get(lora_id)
+        if composition is None or tensor not in composition.deltas:
+            return None
+        per_tensor = self._summed.setdefault(lora_id, {})
+        if tensor not in per_tensor:
+            parts = composition.deltas[tensor]
+            adapters = self.adapters(tuple(v for v, _ in parts))
+            total = torch.zeros_like(adapters[parts[0][0]].deltas[tensor], dtype=torch.float64)
+            for vector, alpha in parts:
+                total += alpha * adapters[vector].deltas[tensor].double()
+            per_tensor[tensor] = total.float()
+        return per_tensor[tensor]
+
+    def norm_deltas(self, plan: Any, module: str) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per slot of the step whose adapter moves norm ``module``: (weight delta, bias delta or None)."""
+        out = {}
+        for slot, lora_id in plan.ids.items():
+            if lora_id is None or lora_id not in self._compositions:
+                continue
+            per_id = self._norms.setdefault(lora_id, {})
+            if module not in per_id:
+                per_id[module] = self._norm_delta(lora_id, module)
+            if per_id[module] is not None:
+                out[slot] = per_id[module]
+        return out
+
+    def _norm_delta(self, lora_id: int, module: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        weight = bias = None
+        for tensor in self._compositions[lora_id].deltas:
+            t = self.delta_target(tensor)
+            if t is not None and t.kind == "norm" and t.module == module:
+                if t.param == "weight":
+                    weight = self.summed_delta(lora_id, tensor)
+                else:
+                    bias = self.summed_delta(lora_id, tensor)
+        if weight is None and bias is None:
+            return None
+        return (torch.zeros_like(bias) if weight is None else weight), bias
+
+    def bias_deltas(self, lora_id: int, module: str) -> list[tuple[Target, torch.Tensor]]:
+        """Adapter ``lora_id``'s bias deltas that add to ``module``'s output, with the slice each adds to."""
+        composition = self._compositions.get(lora_id)
+        if composition is None:
+            return []
+        out = []
+        for tensor in composition.deltas:
+            t = self.delta_target(tensor)
+            if t is not None and t.kind == "bias" and t.module == module:
+                out.append((t.target, self.summed_delta(lora_id, tensor)))
+        return out
 
     # --- shared stacks ----------------------------------------------------------------------------------------
 

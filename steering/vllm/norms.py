@@ -1,0 +1,102 @@
+"""Per-request norm deltas: each token normalised with its own mixture's weights, ``w + sum_i alpha_i delta_i``.
+
+A norm layer computes ``n(x) * w (+ b)``, ``n`` the normalisation (RMS, or mean-centred for LayerNorm). A mixture
+that moves ``w`` and ``b`` by ``dw = sum_i alpha_i delta_w_i`` and ``db`` changes the output, token by token, by
+``n(x) * dw + db``: exactly what ``NormWithDeltas`` adds, after the engine's own norm has run, to the rows of the
+tokens whose adapter slot holds such a mixture. Tokens of the base model and of mixtures that leave this norm
+alone are in no run of the step's plan and get nothing; a step with no such slot costs one lookup.
+
+The wrappers replace the model's norm modules the way vLLM's LoRA manager replaces its linear layers
+(``replace_submodule``), only for the norms some served vector moves, once the weights are loaded; each keeps
+the original module and calls it first, so the base computation is vLLM's own. Supported: RMS norms (vLLM's
+``RMSNorm`` and ``GemmaRMSNorm``, transformers' ``*RMSNorm``; Gemma's ``1 + w`` moves by the same ``dw``) and
+LayerNorms (``torch.nn.LayerNorm``, vLLM's ``LayerNorm``); any other norm's delta is reported as not carried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """``"rms"`` or ``"layer"`` for a norm this file can move per token, else None."""
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    if "RMSNorm" in name and name != "RMSNormGated":
+        if getattr(module, "variance_size_override", None) is not None or not getattr(
+            module, "has_weight", True
+        ):
+            return None
+        return "rms" if _eps(module) is not None else None
+    if isinstance(module, nn.LayerNorm) or name == "LayerNorm":
+        return "layer" if _eps(module) is not None else None
+    return None
+
+
+def _eps(module: nn.Module) -> float | None:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, float | int):
+            return float(value)
+    return None
+
+
+class NormWithDeltas(nn.Module):
+    """A norm module and, per token, its mixture's delta (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, name: str, state: Any):
+        super().__init__()
+        self.base_layer = base
+        self.tunevec_name = name
+        self.kind = norm_kind(base)
+        self.eps = _eps(base)
+        self._state = state
+
+    @property
+    def weight(self) -> torch.Tensor:  # models that read their norm's weight directly keep finding it
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(x, *args, **kwargs)
+        plan = self._state.plan()
+        if plan is None or not plan.runs:
+            return out
+        deltas = self._state.norm_deltas(plan, self.tunevec_name)
+        if not deltas:
+            return out
+        if isinstance(out, tuple):
+            # vLLM's fused add + norm: the normalised input is the new residual, returned beside the output
+            self._add(out[0], out[1], plan, deltas)
+        else:
+            self._add(out, x, plan, deltas)
+        return out
+
+    def _add(self, y: torch.Tensor, x: torch.Tensor, plan: Any, deltas: dict) -> None:
+        dim = y.shape[-1]
+        ys, xs = y.view(-1, dim), x.reshape(-1, dim)
+        per_token, rest = divmod(ys.shape[0], max(plan.num_rows, 1))
+        if rest or per_token == 0:
+            raise RuntimeError(
+                f"tunevec: norm {self.tunevec_name} saw {ys.shape[0]} rows for {plan.num_rows} tokens; cannot tell "
+                "which token each row belongs to"
+            )
+        for run in plan.runs:
+            delta = deltas.get(run.slot)
+            if delta is None:
+                continue
+            rows = slice(run.start * per_token, run.stop * per_token)
+            n = self._normalised(xs[rows].float())
+            dw, db = delta
+            change = n * dw if db is None else torch.addcmul(db, n, dw)
+            ys[rows] += change.to(ys.dtype)
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rms":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return F.layer_norm(x, (x.shape[-1],), None, None, self.eps)

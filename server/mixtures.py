@@ -57,7 +57,9 @@ class VectorFactors:
         energy = {
             n: (e.norm**2, n in ranks or n in deltas or e.norm == 0) for n, e in vec.manifest.tensors.items()
         }
-        return cls(vec.name, vec.content_digest, str(path), ranks, energy, dict(meta.get("dropped", {})), deltas)
+        return cls(
+            vec.name, vec.content_digest, str(path), ranks, energy, dict(meta.get("dropped", {})), deltas
+        )
 
     @property
     def carried(self) -> list[str]:
@@ -334,7 +336,13 @@ class MixtureRegistry:
     def deltas(self, spec: Spec) -> list[str]:
         """The whole tensors (norms, biases) the spec's components move, applied per request as they are."""
         return sorted(
-            {n for c in spec.components if c.alpha != 0 for n in self.vectors[c.vector].deltas if c.applies_to(n)}
+            {
+                n
+                for c in spec.components
+                if c.alpha != 0
+                for n in self.vectors[c.vector].deltas
+                if c.applies_to(n)
+            }
         )
 
     def describe(self, spec: Spec) -> dict:

@@ -98,16 +98,21 @@ def test_limits_from_the_settings_apply_to_requests(registry_factory):
 def test_a_vector_an_engine_carries_only_in_part_is_refused_above_the_setting(registry_factory):
     strict = registry_factory(max_dropped_share=0.0)
     assert strict.dropped_share(strict.parse("medical").components[0]) == 0  # norms are carried whole
-    strict.restrict_to_engine({m for m in strict.factor_modules() if ".norm" not in m and "layernorm" not in m})
+    strict.restrict_to_engine(
+        {m for m in strict.factor_modules() if ".norm" not in m and "layernorm" not in m}
+    )
     share = strict.dropped_share(strict.parse("medical").components[0])
     assert 0 < share < 1  # as on an engine that cannot move the fine-tune's norms per request
     with pytest.raises(
-        TunevecError, match=r"vector 'medical'.*of its \|\|tau\|\|\^2 is not carried per request.*max_dropped_share 0"
+        TunevecError,
+        match=r"vector 'medical'.*of its \|\|tau\|\|\^2 is not carried per request.*max_dropped_share 0",
     ):
         strict.mixture(strict.parse("medical"))
     strict.mixture(strict.parse("medical@mlp"))  # its MLP part is carried whole
     relaxed = registry_factory(max_dropped_share=share)
-    relaxed.restrict_to_engine({m for m in relaxed.factor_modules() if ".norm" not in m and "layernorm" not in m})
+    relaxed.restrict_to_engine(
+        {m for m in relaxed.factor_modules() if ".norm" not in m and "layernorm" not in m}
+    )
     relaxed.mixture(strict.parse("medical"))
 
 
@@ -230,5 +235,7 @@ def test_modules_the_engine_does_not_adapt_count_as_left_out(registry_factory):
     reg.restrict_to_engine(mlp)  # as if only the MLP projections were LoRA-wrapped
     assert reg.vectors["medical"].dropped["module"] > 0.3
     reg.mixture(reg.parse("medical@mlp"))  # still whole
-    with pytest.raises(TunevecError, match=r"medical.*is not carried per request.*\(module\).*max_dropped_share"):
+    with pytest.raises(
+        TunevecError, match=r"medical.*is not carried per request.*\(module\).*max_dropped_share"
+    ):
         reg.mixture(reg.parse("medical"))

@@ -243,7 +243,7 @@ class Grid:
                     raise TunevecError(f"{where}: variant {v.name!r}: {exc}") from None
                 self._check_rank(v, spec, where)
             if v.tuned is not None:
-                vec = library[v.tuned]
+                vec = library.weights(v.tuned)
                 tuned_path = vec.manifest.tuned.get("path")
                 hub_id = vec.manifest.tuned.get("hub_id")
                 if hub_id and not (tuned_path and Path(tuned_path).is_dir()):

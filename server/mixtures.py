@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunevec.core.activation import ActivationVector, layer_prefix, residual_name
+from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
 from tunevec.core.roles import classify
 from tunevec.core.vector import TuningVector
@@ -47,9 +49,19 @@ class VectorFactors:
     energy: dict[str, tuple[float, bool]]
     dropped: dict[str, float]  # kind -> share of ||tau||^2
     deltas: tuple[str, ...] = ()  # tensors kept whole (norms, biases), applied per request as they are
+    kind: str = "weights"  # or "activation": residual-stream directions, named as decoder-layer tensors
+    prefix: str = ""  # activation vectors: the base's decoder-layer prefix their direction names use
 
     @classmethod
-    def prepare(cls, vec: TuningVector, cache_dir: str, settings: LoraSettings) -> VectorFactors:
+    def prepare(
+        cls,
+        vec: TuningVector | ActivationVector,
+        cache_dir: str,
+        settings: LoraSettings,
+        base: Checkpoint | None,
+    ) -> VectorFactors:
+        if isinstance(vec, ActivationVector):
+            return cls.of_activation(vec, base)
         path = factor_cache(vec, cache_dir, **settings.factorise_kwargs())
         meta = read_meta(path)
         ranks = {k: int(v) for k, v in meta.get("module_ranks", {}).items()}
@@ -59,6 +71,20 @@ class VectorFactors:
         }
         return cls(
             vec.name, vec.content_digest, str(path), ranks, energy, dict(meta.get("dropped", {})), deltas
+        )
+
+    @classmethod
+    def of_activation(cls, vec: ActivationVector, base: Checkpoint | None) -> VectorFactors:
+        """An activation vector as the server serves it: each layer's direction a whole delta, named as a tensor of
+        that decoder layer (so a spec's layer range selects directions), read by the workers from the artifact."""
+        if base is None:
+            raise TunevecError(f"activation vector {vec.name!r}: serving it needs the base (its layer names)")
+        prefix = layer_prefix(base)
+        norms = vec.manifest.get("norms", {})
+        names = {residual_name(prefix, k): float(norms.get(str(k), 1.0)) for k in vec.layers}
+        energy = {n: (norm**2, True) for n, norm in names.items()}
+        return cls(
+            vec.name, vec.content_digest, str(vec.path), {}, energy, {}, tuple(names), "activation", prefix
         )
 
     @property
@@ -77,6 +103,8 @@ class VectorFactors:
             "energy": {n: [e, ok] for n, (e, ok) in self.energy.items()},
             "dropped": self.dropped,
             "deltas": list(self.deltas),
+            "kind": self.kind,
+            "prefix": self.prefix,
         }
 
     @classmethod
@@ -90,6 +118,8 @@ class VectorFactors:
             energy,
             dict(data["dropped"]),
             tuple(data.get("deltas", ())),
+            data.get("kind", "weights"),
+            data.get("prefix", ""),
         )
 
     def restricted_to(self, carried: set[str]) -> VectorFactors:
@@ -105,11 +135,17 @@ class VectorFactors:
         dropped["module"] = dropped.get("module", 0.0) + (lost_energy / total if total else 0.0)
         ranks = {n: r for n, r in self.module_ranks.items() if n not in lost}
         deltas = tuple(n for n in self.deltas if n not in lost)
-        return VectorFactors(self.name, self.digest, self.path, ranks, energy, dropped, deltas)
+        return VectorFactors(
+            self.name, self.digest, self.path, ranks, energy, dropped, deltas, self.kind, self.prefix
+        )
 
     def intact(self) -> bool:
         """Whether the factor folder on disk still holds these factors, readable and of this content."""
         try:
+            if self.kind == "activation":
+                vec = ActivationVector(self.path)
+                vec.directions()
+                return vec.content_digest == self.digest
             return LoraAdapter.load(self.path).meta.get("content_digest") == self.digest
         except TunevecError:
             return False
@@ -199,7 +235,9 @@ class MixtureRegistry:
     @classmethod
     def prepare(cls, library: VectorLibrary, cache_dir: str, settings: LoraSettings, num_layers: int | None):
         """Factorise every vector of ``library`` (cached) and make the registry over them."""
-        vectors = {n: VectorFactors.prepare(library[n], cache_dir, settings) for n in library.names()}
+        vectors = {
+            n: VectorFactors.prepare(library[n], cache_dir, settings, library.base) for n in library.names()
+        }
         return cls(settings, vectors, num_layers, library, cache_dir)
 
     @classmethod
@@ -242,6 +280,10 @@ class MixtureRegistry:
         for name in names:
             factors = self.vectors[name]
             if not factors.intact():
+                if factors.kind == "activation":
+                    raise TunevecError(
+                        f"activation vector {name!r} is damaged on disk; derive or import it again"
+                    )
                 vec = self.library[name]
                 if vec.content_digest != factors.digest:
                     raise TunevecError(
@@ -261,6 +303,12 @@ class MixtureRegistry:
             max_abs_alpha=self.settings.max_abs_alpha,
             num_layers=self.num_layers,
         )
+        for comp in spec.components:
+            if self.vectors[comp.vector].kind == "activation" and comp.scope != "all":
+                raise TunevecError(
+                    f"{str(comp)!r}: {comp.vector!r} is an activation vector (residual-stream directions, one per "
+                    f"layer); it takes a layer range such as {comp.vector}[10:14], not a scope like @{comp.scope}"
+                )
         return spec
 
     def dropped_share(self, comp: Component) -> float:

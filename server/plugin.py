@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 from argparse import Namespace
@@ -93,16 +94,33 @@ def _tunevec(request: Request) -> tuple[ServerConfig, VectorLibrary, SteeringRou
 
 
 def vector_summary(name: str, library: VectorLibrary, router: SteeringRouter, expose_paths: bool) -> dict:
+    """What a client may know of one vector: its kind, size, the base it was made for, the layers it touches."""
     vec = library[name]
+    factors = router.registry.vectors[name]
+    if library.kind(name) == "activation":
+        norms = vec.manifest.get("norms", {})
+        out = {
+            "name": name,
+            "kind": "activation",
+            "content_digest": factors.digest,
+            "base_fingerprint": vec.manifest.get("base", {}).get("fingerprint"),
+            "layers": vec.layers,
+            "norm": sum(float(v) ** 2 for v in norms.values()) ** 0.5,
+            "source": {k: v for k, v in vec.manifest.get("source", {}).items() if k != "path"},
+        }
+        return out | ({"path": str(vec.path)} if expose_paths else {})
     by_role: dict[str, float] = {}
     for e in vec.manifest.tensors.values():
         by_role[e.role] = by_role.get(e.role, 0.0) + e.norm**2
-    factors = router.registry.vectors[name]
     out = {
         "name": name,
+        "kind": "weights",
         "content_digest": factors.digest,
         "base_fingerprint": vec.manifest.base.get("fingerprint"),
         "num_tensors": len(vec.manifest.tensors),
+        "layers": sorted(
+            {e.layer for e in vec.manifest.tensors.values() if e.layer is not None and e.norm > 0}
+        ),
         "norm": sum(by_role.values()) ** 0.5,
         "norm_by_role": {r: v**0.5 for r, v in sorted(by_role.items())},
         "adapter": {"rank": max(factors.module_ranks.values(), default=0), "dropped": factors.dropped},
@@ -123,7 +141,10 @@ async def show_vector(name: str, request: Request):  # noqa: ANN201
         return JSONResponse(
             error_body(f"unknown vector {name[:80]!r}; known: {library.names()}", 404, "name"), 404
         )
-    manifest = library[name].manifest.to_json()
+    vec = library[name]
+    manifest = (
+        vec.manifest.to_json() if library.kind(name) == "weights" else json.loads(json.dumps(vec.manifest))
+    )
     if not config.expose_paths:
         for side in ("base", "tuned"):
             if isinstance(manifest.get(side), dict):
@@ -148,8 +169,6 @@ async def describe(request: Request):  # noqa: ANN201
         if len(body) > MAX_DESCRIBE_BYTES:
             return JSONResponse(error_body(f"body over {MAX_DESCRIBE_BYTES} bytes", 413, None), 413)
     try:
-        import json
-
         payload = json.loads(body)
         raw = payload.get("spec", payload.get("steering")) if isinstance(payload, dict) else None
         if raw is None:

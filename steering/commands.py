@@ -1,4 +1,4 @@
-"""`tunevec merge` and `tunevec lora`: thin argument layers over steering.inject and steering.lora."""
+"""`tunevec merge`, `tunevec lora` and `tunevec activation`: thin argument layers over steering and core."""
 
 from __future__ import annotations
 
@@ -59,4 +59,34 @@ def run_lora(args: argparse.Namespace) -> int:
     )
     for role, share in sorted(adapter.meta["dropped"].items()):
         print(f"  not in the adapter ({role}): {share:.2%} of ||tau||^2")
+    return 0
+
+
+def configure_activation(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    imp = sub.add_parser("import", help="a controlvector GGUF (direction.N tensors) as an activation vector")
+    imp.add_argument("gguf", help="the .gguf file (repeng's export_gguf, llama.cpp's cvector-generator)")
+    imp.add_argument("--base", required=True, help="the base model it steers (its sizes are checked)")
+    imp.add_argument("--out", required=True, help="the activation-vector folder to write")
+    imp.add_argument("--name", help="its name in specs (default: the file's stem)")
+    imp.add_argument("--force", action="store_true", help="replace an existing --out")
+    exp = sub.add_parser("export", help="an activation vector as a controlvector GGUF for llama.cpp")
+    exp.add_argument("vector", help="the activation-vector folder")
+    exp.add_argument("--out", required=True, help="the .gguf file to write")
+    parser.set_defaults(run=run_activation)
+
+
+def run_activation(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tunevec.core.activation import ActivationVector, from_gguf
+    from tunevec.core.checkpoint import Checkpoint
+
+    if args.action == "import":
+        name = args.name or Path(args.gguf).stem
+        vec = from_gguf(args.gguf, args.out, name, Checkpoint(args.base), replace=args.force)
+        print(f"imported {args.gguf} as activation vector {vec.name!r} (layers {vec.layers}) in {args.out}")
+    else:
+        ActivationVector(args.vector).to_gguf(args.out)
+        print(f"wrote {args.out}")
     return 0

@@ -31,7 +31,7 @@ class Injection:
     def __init__(self, spec: Spec, library: VectorLibrary):
         self.spec = spec
         self.library = library
-        self._handles = {name: library[name].open_tensors() for name in spec.vectors}
+        self._handles = {name: library.weights(name).open_tensors() for name in spec.vectors}
         self.applied: dict[str, float] = {}  # tensor name -> ||delta||_F, for the load report
 
     @classmethod

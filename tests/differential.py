@@ -52,17 +52,43 @@ BF16_FLOOR = 2.0**-7
 
 # Mixtures of the same two vectors (one shared stack), of one vector each (unrelated adapters), and more distinct
 # ones than --max-loras (MAX_LORAS): every batch kind below draws from these.
-SHARED = ["medical:0.8+math:0.4", "medical:-0.5+math:0.9", "medical@mlp:1.2+math@attention:0.7"]
-UNRELATED = ["medical:0.6", "math:-0.8"]
+# ACTIVATION names an activation vector (derived from medical, ``activation_vectors``): served through the same
+# slots, alone and combined with weight vectors.
+ACTIVATION = "medical-act"
+SHARED = [
+    "medical:0.8+math:0.4",
+    "medical:-0.5+math:0.9",
+    "medical@mlp:1.2+math@attention:0.7",
+    f"{ACTIVATION}[1:]:2+math:0.5",
+]
+UNRELATED = ["medical:0.6", "math:-0.8", f"{ACTIVATION}:1.5"]
 MANY = [f"medical:{0.1 * k:.1f}+math:{1 - 0.1 * k:.1f}" for k in range(1, 6)]
 MAX_LORAS = 2
 BATCHES = {
     "with the base": ["base", SHARED[0], "base", UNRELATED[0]],
     "shared vectors": SHARED,
-    "unrelated adapters": [UNRELATED[0], UNRELATED[1], SHARED[0]],
+    "unrelated adapters": [UNRELATED[0], UNRELATED[1], UNRELATED[2], SHARED[0]],
     f"more mixtures than --max-loras {MAX_LORAS}": MANY,
     "everything at once": ["base", *SHARED, *UNRELATED, *MANY[:2]],
 }
+
+
+def activation_vectors(fixtures: Path, vectors: Path, out: Path) -> Path:
+    """``out``: a copy of ``vectors`` plus ``medical-act``, the activation vector derived from ``medical``."""
+    import shutil
+
+    from tunevec.cli import main as tunevec_main
+
+    if not (out / ACTIVATION / "activation.json").exists():
+        for name in ("medical", "math"):
+            if not (out / name).exists():
+                shutil.copytree(vectors / name, out / name)
+        argv = ["derive", str(vectors / "medical"), "--base", str(fixtures / "base"), "--out", str(out / ACTIVATION),
+                "--probe", str(fixtures / "probe.jsonl"), "--max-probe-texts", "24", "--force"]  # fmt: skip
+        assert tunevec_main(argv) == 0
+    return out
+
+
 GENERATED_TOKENS = 12
 LEAD_TOKENS = 160  # the base generation a "with the base" batch runs beside
 LEAD_START = 0.3  # seconds the lead runs before the batch is sent
@@ -184,6 +210,9 @@ def reference_weights(
     spec = Spec.parse(spec_text)
     adapters = {}
     for name in spec.vectors:
+        if (vectors / name / "activation.json").exists():
+            adapters[name] = LoraAdapter({})  # steers the residual stream (Reference's hooks), no weights
+            continue
         folder = factor_cache(
             TuningVector(vectors / name), cache_dir, rank=RANK, energy=None, max_rank=MAX_LORA_RANK
         )
@@ -229,6 +258,34 @@ class Reference:
         self.args = (base, vectors, cache_dir, lora_dtype, carried)
         self._cache: dict[tuple[str, tuple[int, ...], str], Answer] = {}
 
+    def steering_hooks(self, spec_text: str) -> list:
+        """Forward hooks adding each activation component's alpha * direction to its decoder layers' outputs."""
+        from tunevec.analysis.derive import decoder_layers
+        from tunevec.core.activation import ActivationVector
+
+        if spec_text == "base":
+            return []
+        added: dict[int, torch.Tensor] = {}
+        vectors = self.args[1]
+        for comp in Spec.parse(spec_text).components:
+            folder = vectors / comp.vector
+            if not (folder / "activation.json").exists():
+                continue
+            for layer, direction in ActivationVector(folder).directions().items():
+                start, stop = comp.layers or (0, None)
+                if layer >= start and (stop is None or layer < stop):
+                    added[layer] = added.get(layer, 0) + comp.alpha * direction.double()
+
+        def hook(vector: torch.Tensor):  # noqa: ANN202
+            def add(_module, _inputs, output):  # noqa: ANN001, ANN202
+                stream = output[0] if isinstance(output, tuple) else output
+                stream += vector.to(stream.dtype)
+
+            return add
+
+        layers = decoder_layers(self.model)
+        return [layers[k].register_forward_hook(hook(v.float())) for k, v in added.items()]
+
     def answer(self, spec: str, prompt: tuple[int, ...], kind: str) -> Answer:
         prompt = list(prompt)
         key = (spec, tuple(prompt), kind)
@@ -239,6 +296,7 @@ class Reference:
                 # one tensor under two names: both must carry the moved embedding, or the second copy undoes it
                 state["lm_head.weight"] = state["model.embed_tokens.weight"]
             self.model.load_state_dict(state, strict=False)
+            hooks = self.steering_hooks(spec)
             with torch.no_grad():
                 if kind == "echo":
                     logp = torch.log_softmax(self.model(torch.tensor([prompt])).logits[0].double(), -1)
@@ -251,6 +309,8 @@ class Reference:
                         lps.append(float(logp[nxt]))
                         ids.append(nxt)
                     self._cache[key] = Answer(lps, ids[len(prompt) :])
+            for handle in hooks:
+                handle.remove()
         return self._cache[key]
 
 

@@ -8,7 +8,15 @@ prefills long prompts in chunks. ``bench/bench_differential.py`` prints the whol
 from __future__ import annotations
 
 import pytest
-from differential import Config, check_alone, engine_report, plant_fault, run_config, serve
+from differential import (
+    Config,
+    activation_vectors,
+    check_alone,
+    engine_report,
+    plant_fault,
+    run_config,
+    serve,
+)
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
@@ -33,19 +41,23 @@ def prompts(tiny_fixtures) -> list[list[int]]:
     return ids
 
 
+@pytest.fixture(scope="module")
+def vectors(tiny_fixtures, tiny_vectors, tmp_path_factory):
+    """The tiny vectors and an activation vector derived from medical (steered per request on the same path)."""
+    return activation_vectors(tiny_fixtures, tiny_vectors, tmp_path_factory.mktemp("vectors"))
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def served(request, tiny_fixtures, tiny_vectors, tmp_path_factory):
+def served(request, tiny_fixtures, vectors, tmp_path_factory):
     config = CONFIGS[request.param]
     log = tmp_path_factory.mktemp("differential") / "server.log"
-    with serve(config, tiny_fixtures / "base", tiny_vectors, log) as url:
+    with serve(config, tiny_fixtures / "base", vectors, log) as url:
         yield config, url
 
 
-def test_every_mixture_path_matches_the_reference_and_itself_alone(
-    served, tiny_fixtures, tiny_vectors, prompts
-):
+def test_every_mixture_path_matches_the_reference_and_itself_alone(served, tiny_fixtures, vectors, prompts):
     config, url = served
-    result = run_config(config, url, tiny_fixtures / "base", tiny_vectors, prompts)
+    result = run_config(config, url, tiny_fixtures / "base", vectors, prompts)
     print(
         f"\n{result.table()}\nA/A {result.aa:.2e}, base vs reference {result.base_vs_reference:.2e}, {result.stats}"
     )
@@ -62,8 +74,6 @@ def test_every_mixture_path_matches_the_reference_and_itself_alone(
     if config.fault_extension:
         # One coefficient 2% off in one slot: the harness must see it.
         plant_fault(url, 1.02)
-        spoiled = check_alone(
-            config, url, tiny_fixtures / "base", tiny_vectors, prompts, ["medical:0.7+math:0.3"]
-        )
+        spoiled = check_alone(config, url, tiny_fixtures / "base", vectors, prompts, ["medical:0.7+math:0.3"])
         print(f"planted fault:\n{spoiled.table()}")
         assert not spoiled.ok, "a wrong coefficient in one slot went unnoticed"

@@ -30,6 +30,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tunevec.analysis.attribution:configure",
         "attribution patching: which layers' blocks carry tau's gain",
     ),
+    "derive": (
+        "tunevec.analysis.derive:configure",
+        "an activation vector from a tuning vector: the residual-stream shift it causes",
+    ),
+    "activation": (
+        "tunevec.steering.commands:configure_activation",
+        "import or export activation vectors (repeng / llama.cpp control-vector GGUF)",
+    ),
     "merge": ("tunevec.steering.commands:configure_merge", "write base + spec as a plain HF checkpoint"),
     "lora": (
         "tunevec.steering.commands:configure_lora",

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 import torch
+from torch import nn
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager, create_lora_manager
 from vllm.lora.peft_helper import PEFTHelper
@@ -35,13 +36,16 @@ from tunevec.steering.lora import peft_tensors
 from tunevec.steering.spec import Spec
 from tunevec.steering.vllm.compat import UnverifiedVllm, installed, require
 from tunevec.steering.vllm.compose import compose_mixture
-from tunevec.steering.vllm.norms import NormWithDeltas, norm_kind
 from tunevec.steering.vllm.punica import PunicaWrapperGrouped
 from tunevec.steering.vllm.state import MIXTURE_PREFIX, DeltaTarget, MixtureState, Target, read_snapshot
+from tunevec.steering.vllm.token_deltas import NormWithDeltas, SteeredLayer, norm_kind
 
 logger = logging.getLogger("vllm.tunevec.lora")  # a "vllm." name: vLLM's handler prints it in every process
 
 GROUPED_WRAPPER = "tunevec.steering.vllm.punica.PunicaWrapperGrouped"
+RESIDUAL = (
+    ".residual.direction"  # tunevec.core.activation.residual_name: a direction added after a decoder layer
+)
 CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 
 
@@ -116,7 +120,7 @@ class ModuleMap:
         return self._targets[tensor]
 
     def delta_target(self, tensor: str) -> DeltaTarget | None:
-        """Where a tensor kept whole applies: a norm this engine can move per token (``norms.py``), or the output
+        """Where a tensor kept whole applies: a norm this engine can move per token (``token_deltas.py``), or the output
         of a LoRA-wrapped linear layer for its bias (not under tensor parallelism, whose shards tunevec does not
         cut biases for)."""
         if tensor not in self._delta_targets:
@@ -136,6 +140,13 @@ class ModuleMap:
         from tunevec.core.roles import classify
 
         path, _, param = tensor.rpartition(".")
+        if tensor.endswith(RESIDUAL):  # an activation vector's direction for one decoder layer
+            name = self._module_name(tensor.removesuffix(RESIDUAL))
+            try:
+                module = self._model.get_submodule(name)
+            except AttributeError:
+                return None
+            return DeltaTarget("steer", name, "direction") if isinstance(module, nn.Module) else None
         role = classify(tensor)
         if role.role == "norm":
             name = self._module_name(path)
@@ -193,15 +204,20 @@ class GroupedLoRAModelManager(LRUCacheLoRAModelManager):
             wrapper.bind(tunevec_state, self.modules)
         if self.grouped:
             tunevec_state.token_slots = lambda: self.grouped[0].token_lora_indices
-        # Norms some served vector moves get their per-token deltas (norms.py), as vLLM wraps its LoRA layers.
+        # Norms some served vector moves get their per-token deltas (token_deltas.py), as vLLM wraps its LoRA layers.
         moved = {t for entry in tunevec_state.vectors.values() for t in entry.get("deltas", ())}
         for tensor in sorted(moved):
             target = modules.delta_target(tensor)
-            if target is not None and target.kind == "norm":
-                module = self.model.get_submodule(target.module)
-                if not isinstance(module, NormWithDeltas):
-                    wrapped = NormWithDeltas(module, target.module, tunevec_state)
-                    replace_submodule(self.model, target.module, wrapped)
+            if target is None or target.kind not in ("norm", "steer"):
+                continue
+            module = self.model.get_submodule(target.module)
+            if target.kind == "norm" and not isinstance(module, NormWithDeltas):
+                wrapped = NormWithDeltas(module, target.module, tunevec_state)
+                replace_submodule(self.model, target.module, wrapped)
+            elif target.kind == "steer" and not isinstance(module, SteeredLayer):
+                replace_submodule(
+                    self.model, target.module, SteeredLayer(module, target.module, tunevec_state)
+                )
 
     def _wrap_embedding_head(self) -> None:
         """Give LoRA to the output head of models that compute logits with their input embedding.
@@ -300,9 +316,28 @@ class TunevecWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
             skip_prefixes=getattr(model, "lora_skip_prefixes", None),
         )
+        if not lora.loras:
+            # Only norms, biases or residual-stream directions: vLLM cannot hold an adapter without LoRA weights,
+            # so the slot gets one zero rank-1 module (which the composition does not list: nothing is packed).
+            lora = LoRAModel(lora_request.lora_int_id, 1, self._placeholder())
         lora.is_3d_lora_weight = False
         self.state.record(lora_request.lora_int_id, mixed.composition, keep=set(self.list_adapters()))
         return lora
+
+    def _placeholder(self) -> dict[str, Any]:
+        """One zero rank-1 LoRA for a single-slice linear module of the engine (``o_proj``, ``down_proj`` ...)."""
+        from vllm.lora.lora_weights import LoRALayerWeights
+
+        for name, layer in self._adapter_manager.modules.items():
+            base = getattr(layer, "base_layer", None)
+            sizes = (getattr(base, "input_size", None), getattr(base, "output_size", None))
+            if getattr(layer, "n_slices", 0) == 1 and all(isinstance(n, int) for n in sizes):
+                dtype = self.lora_config.lora_dtype
+                zero = LoRALayerWeights(
+                    name, 1, 1, torch.zeros(1, sizes[0], dtype=dtype), torch.zeros(sizes[1], 1, dtype=dtype)
+                )
+                return {name: zero}
+        raise ValueError("this engine has no single-slice LoRA module to hold a mixture without LoRA weights")
 
 
 class TunevecWorkerExtension:

@@ -208,6 +208,10 @@ class MixtureState:
                     entry = self.vectors.get(name)
                     if entry is None:
                         raise ValueError(f"mixture names vector {name!r}, which this server does not serve")
+                    if entry.get("kind") == "activation":
+                        adapter = self._resident[name] = _activation(entry)
+                        out[name] = adapter
+                        continue
                     loaded = LoraAdapter.load(entry["path"])
                     if loaded.meta.get("content_digest") != entry["digest"]:
                         raise ValueError(
@@ -309,6 +313,27 @@ class MixtureState:
             return None
         return (torch.zeros_like(bias) if weight is None else weight), bias
 
+    def steer_deltas(self, plan: Any, module: str) -> dict[int, torch.Tensor]:
+        """Per slot of the step whose adapter names activation vectors for decoder layer ``module``: their
+        ``sum_i alpha_i v_i`` (float32)."""
+        out = {}
+        for slot, lora_id in plan.ids.items():
+            composition = self._compositions.get(lora_id) if lora_id is not None else None
+            if composition is None:
+                continue
+            per_id = self._norms.setdefault(lora_id, {})
+            key = ("steer", module)
+            if key not in per_id:
+                found = None
+                for tensor in composition.deltas:
+                    t = self.delta_target(tensor)
+                    if t is not None and t.kind == "steer" and t.module == module:
+                        found = self.summed_delta(lora_id, tensor)
+                per_id[key] = found
+            if per_id[key] is not None:
+                out[slot] = per_id[key]
+        return out
+
     def bias_deltas(self, lora_id: int, module: str) -> list[tuple[Target, torch.Tensor]]:
         """Adapter ``lora_id``'s bias deltas that add to ``module``'s output, with the slice each adds to."""
         composition = self._compositions.get(lora_id)
@@ -376,3 +401,17 @@ class MixtureState:
                 rows.append(row)
             table = per_module[module] = torch.tensor(rows, dtype=torch.float32)
         return table
+
+
+def _activation(entry: dict[str, Any]) -> LoraAdapter:
+    """An activation vector's directions as whole deltas named after their decoder layers (no factors)."""
+    from tunevec.core.activation import ActivationVector, residual_name
+
+    vec = ActivationVector(entry["path"])
+    if vec.content_digest != entry["digest"]:
+        raise ValueError(
+            f"activation vector {entry['path']} holds content {vec.content_digest}, the server announced "
+            f"{entry['digest']}; restart the server"
+        )
+    deltas = {residual_name(entry["prefix"], k): d for k, d in vec.directions().items()}
+    return LoraAdapter({}, {"content_digest": vec.content_digest, "kind": "activation"}, deltas)

@@ -1,4 +1,6 @@
-"""Per-request norm deltas: each token normalised with its own mixture's weights, ``w + sum_i alpha_i delta_i``.
+"""What a mixture changes outside its LoRA modules, token by token: norm deltas and residual-stream directions.
+
+**Norms.** Each token is normalised with its own mixture's weights, ``w + sum_i alpha_i delta_i``.
 
 A norm layer computes ``n(x) * w (+ b)``, ``n`` the normalisation (RMS, or mean-centred for LayerNorm). A mixture
 that moves ``w`` and ``b`` by ``dw = sum_i alpha_i delta_w_i`` and ``db`` changes the output, token by token, by
@@ -11,6 +13,13 @@ The wrappers replace the model's norm modules the way vLLM's LoRA manager replac
 the original module and calls it first, so the base computation is vLLM's own. Supported: RMS norms (vLLM's
 ``RMSNorm`` and ``GemmaRMSNorm``, transformers' ``*RMSNorm``; Gemma's ``1 + w`` moves by the same ``dw``) and
 LayerNorms (``torch.nn.LayerNorm``, vLLM's ``LayerNorm``); any other norm's delta is reported as not carried.
+
+**Residual stream** (activation vectors, ``tunevec.core.activation``). ``SteeredLayer`` wraps a decoder layer and
+adds ``sum_i alpha_i v_i`` to its output, on the rows of the tokens whose mixture names activation vectors for that
+layer: the residual stream after the layer, as a transformers forward hook on ``model.layers[k]`` would add it.
+vLLM's decoder layers return ``(hidden_states, residual)`` with the stream their sum (the next norm adds them), so
+the direction is added to ``hidden_states``; a transformers layer (vLLM's Transformers backend) returns the stream
+itself.
 """
 
 from __future__ import annotations
@@ -80,12 +89,7 @@ class NormWithDeltas(nn.Module):
     def _add(self, y: torch.Tensor, x: torch.Tensor, plan: Any, deltas: dict) -> None:
         dim = y.shape[-1]
         ys, xs = y.view(-1, dim), x.reshape(-1, dim)
-        per_token, rest = divmod(ys.shape[0], max(plan.num_rows, 1))
-        if rest or per_token == 0:
-            raise RuntimeError(
-                f"tunevec: norm {self.tunevec_name} saw {ys.shape[0]} rows for {plan.num_rows} tokens; cannot tell "
-                "which token each row belongs to"
-            )
+        per_token = rows_per_token(ys.shape[0], plan, self.tunevec_name)
         for run in plan.runs:
             delta = deltas.get(run.slot)
             if delta is None:
@@ -100,3 +104,47 @@ class NormWithDeltas(nn.Module):
         if self.kind == "rms":
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+
+
+def rows_per_token(rows: int, plan: Any, where: str) -> int:
+    """How many consecutive rows each token of the step has in a tensor of ``rows`` rows (heads, a batch dim...)."""
+    per_token, rest = divmod(rows, max(plan.num_rows, 1))
+    if rest or per_token == 0:
+        raise RuntimeError(
+            f"tunevec: {where} saw {rows} rows for {plan.num_rows} tokens; cannot tell which token each row is"
+        )
+    return per_token
+
+
+class SteeredLayer(nn.Module):
+    """A decoder layer and, per token, its mixture's residual-stream direction (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, name: str, state: Any):
+        super().__init__()
+        self.base_layer = base
+        self.tunevec_name = name
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # attributes models read off their layers (an index, a sliding window ...)
+            return getattr(super().__getattr__("base_layer"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(*args, **kwargs)
+        plan = self._state.plan()
+        if plan is None or not plan.runs:
+            return out
+        directions = self._state.steer_deltas(plan, self.tunevec_name)
+        if not directions:
+            return out
+        stream = out[0] if isinstance(out, tuple) else out
+        dim = stream.shape[-1]
+        rows = stream.view(-1, dim)
+        per_token = rows_per_token(rows.shape[0], plan, self.tunevec_name)
+        for run in plan.runs:
+            direction = directions.get(run.slot)
+            if direction is not None:
+                rows[run.start * per_token : run.stop * per_token] += direction.to(rows.dtype)
+        return out

@@ -510,15 +510,17 @@ function renderResult(id, r) {
   if (!out || !meta) return;
   out.replaceChildren();
   out.classList.remove("error-box");
+  // streaming | done (final for the base) | scored (a mixture's token view is in) | error | stopped
+  out.dataset.state = r.state || "";
   if (r.error) {
     out.classList.add("error-box");
-    out.append(h("p", { role: "alert", text: `Refused: ${r.error}` }));
+    out.append(h("p", { role: "alert", text: `${r.refused === false ? "Failed" : "Refused"}: ${r.error}` }));
   } else if (r.tokens) {
-    const view = h("div", { class: "answer" });
+    const view = h("div", { class: "answer", dataset: { text: r.text } });
     renderTokens(view, r.tokens, tip);
     out.append(view);
   } else {
-    out.append(h("div", { class: "answer plain", text: r.text }));
+    out.append(h("div", { class: "answer plain", text: r.text, dataset: { text: r.text } }));
   }
   const bits = [];
   if (r.status) bits.push(r.status);
@@ -533,7 +535,7 @@ async function runColumn(id, model, target, signal, scoreAgainstBase) {
   const req = currentRequest(model);
   const body = { ...plainBody(req), stream: true, return_token_ids: true };
   const path = req.mode === "chat" ? "/v1/chat/completions" : "/v1/completions";
-  const r = { text: "", promptIds: null, answerIds: [], status: "streaming…", model };
+  const r = { text: "", promptIds: null, answerIds: [], status: "streaming…", state: "streaming", model };
   target.result = r;
   renderResult(id, r);
   const started = performance.now();
@@ -551,7 +553,10 @@ async function runColumn(id, model, target, signal, scoreAgainstBase) {
         if (piece) {
           r.text += piece;
           const out = document.querySelector(`#output-${id} .answer`);
-          if (out) out.textContent = r.text;
+          if (out) {
+            out.textContent = r.text;
+            out.dataset.text = r.text;
+          }
         }
         if (choice.finish_reason) r.finish = choice.finish_reason;
       },
@@ -561,11 +566,19 @@ async function runColumn(id, model, target, signal, scoreAgainstBase) {
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     r.status = `${r.answerIds.length} tokens · ${seconds} s${r.finish ? ` · ${r.finish}` : ""}`;
   } catch (err) {
-    if (err.name === "AbortError") r.status = "stopped";
-    else r.error = err.message;
+    if (err.name === "AbortError") {
+      r.status = "stopped";
+      r.state = "stopped";
+    } else {
+      r.error = err.message;
+      r.refused = err.status >= 400 && err.status < 500;
+      r.status = err.status ? `HTTP ${err.status}` : "no answer";
+      r.state = "error";
+    }
     renderResult(id, r);
     return;
   }
+  r.state = scoreAgainstBase && r.promptIds && r.answerIds.length ? "scoring" : "done";
   renderResult(id, r);
   if (scoreAgainstBase && r.promptIds && r.answerIds.length) {
     try {
@@ -582,6 +595,7 @@ async function runColumn(id, model, target, signal, scoreAgainstBase) {
     } catch (err) {
       if (err.name !== "AbortError") r.scoreError = err.message;
     }
+    r.state = r.tokens ? "scored" : "done";
     renderResult(id, r);
   }
 }
@@ -598,7 +612,10 @@ async function generate() {
     const spec = mixtureSpec(m);
     const id = `mix-${m.id}`;
     if (!spec || invalidAlpha(m)) {
-      m.result = { error: invalidAlpha(m) ? "α must be a number" : "empty mixture: give some vector an α other than 0" };
+      m.result = {
+        error: invalidAlpha(m) ? "α must be a number" : "empty mixture: give some vector an α other than 0",
+        state: "error",
+      };
       renderResult(id, m.result);
       continue;
     }

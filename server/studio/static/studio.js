@@ -338,6 +338,8 @@ function componentRow(m, c, i) {
   );
   vectorSelect.addEventListener("change", () => {
     c.vector = vectorSelect.value;
+    const offered = (cardOf(c.vector)?.scopes || []).filter((s) => s.servable).map((s) => s.name);
+    if (!offered.includes(c.scope)) c.scope = "all"; // the new vector does not have that part
     renderColumns(); // the scopes on offer depend on the vector
     scheduleDescribe(m);
     document.getElementById(`${id}-alpha`)?.closest(".component")?.querySelector("select.vector")?.focus();

@@ -61,7 +61,7 @@ demo: $(STAMP)
 	$(PY) -m tunevec.demo --artifacts $(ARTIFACTS)
 
 # The README's tune result: alpha of medical+math chosen on the smol tasks' validation docs, reported on their test
-# docs against medical+math at 1+1 (docs/tune.md). After `make demo` (its fixtures and vectors); ~40 min on 2 cores.
+# docs against medical+math at 1+1 (docs/tune.md). After `make demo` (its fixtures and vectors); 31 min on 2 shared cores.
 tune-demo: demo
 	$(VENV)/bin/tunevec tune --grid eval/grids/demo.yaml --base $(ARTIFACTS)/fixtures/smol/base \
 	  --vectors $(ARTIFACTS)/vectors/smol --vector medical --vector math \

@@ -275,21 +275,8 @@ def _clock(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def search(
-    evaluator: Evaluator,
-    space: Space,
-    objective: Objective,
-    *,
-    trials: int | None,
-    budget: float | None,
-    limit: int | None,
-    seed: int,
-    out: Path,
-    fresh: bool,
-    settings: dict,
-    base_name: str,
-) -> tuple[list[Trial], dict[str, Score] | None]:
-    """Run the search; returns every trial (in order) and the base's validation scores (when a floor needs them)."""
+def open_study(out: Path, *, fresh: bool, settings: dict, seed: int, trials: int | None) -> Any:
+    """The optuna study of ``out`` (created, or resumed when its settings are these), its sampler seeded."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -315,12 +302,39 @@ def search(
             f"{db} holds a search with other settings (vectors, tasks, range, limits or server); give --fresh to "
             "start over, or another --out"
         )
+    return study
+
+
+def scored(study: Any, evaluator: Evaluator, model: str, split: str, limit: int | None, **kw: Any) -> dict:
+    """``evaluator.score``, kept in the study: a resumed run does not score a model twice on the same docs."""
+    key = f"scores:{split}:{limit}:{model}"
+    if key in study.user_attrs:
+        return {t: Score(**v) for t, v in study.user_attrs[key].items()}
+    scores = evaluator.score(model, split, limit, **kw)
+    study.set_user_attr(key, {t: asdict(v) for t, v in scores.items()})
+    return scores
+
+
+def search(
+    study: Any,
+    evaluator: Evaluator,
+    space: Space,
+    objective: Objective,
+    *,
+    trials: int | None,
+    budget: float | None,
+    limit: int | None,
+    base_name: str,
+) -> tuple[list[Trial], dict[str, Score] | None]:
+    """Run the search; returns every trial (in order) and the base's validation scores (when a floor needs them)."""
+    import optuna
+
     started = time.monotonic()
     base_scores = None
     if any(v.startswith("base") for v in objective.floors.values()):
-        say("scoring the base on the validation docs (a floor is relative to it)")
-        base_scores = evaluator.score(base_name, "validation", limit)
-        say("base: " + ", ".join(f"{t} {s.text()}" for t, s in base_scores.items()))
+        base_scores = scored(study, evaluator, base_name, "validation", limit)
+        say("the base on the validation docs (a floor is relative to it): "
+            + ", ".join(f"{t} {s.text()}" for t, s in base_scores.items()))  # fmt: skip
     floors = objective.floor_values(base_scores)
     done: list[Trial] = []
     by_spec: dict[str | None, Trial] = {}
@@ -330,7 +344,7 @@ def search(
             done.append(t)
             by_spec.setdefault(t.spec, t)
     if done:
-        say(f"resuming {db}: {len(done)} trial(s) already scored")
+        say(f"resuming the study: {len(done)} trial(s) already scored")
     if not done and not study.trials:
         study.enqueue_trial(space.ones())
     durations = [t.seconds for t in done if not t.reused]
@@ -439,6 +453,17 @@ def served(grid: Any, server_url: str | None, out: Path) -> Iterator[tuple[str, 
         yield server.url, concurrency
     finally:
         server.stop()
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), for the record of where a result was measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _api_headers() -> dict[str, str]:
@@ -677,10 +702,17 @@ def run_tune(args: argparse.Namespace) -> int:
         base_name = preflight(url, space)
         evaluator = Evaluator(grid, url, tm, plans, concurrency, base_name)
         search_started = time.monotonic()
+        study = open_study(out, fresh=args.fresh, settings=settings, seed=args.seed, trials=trials)
         done, base_val = search(
-            evaluator, space, objective, trials=trials, budget=budget, limit=args.limit, seed=args.seed,
-            out=out, fresh=args.fresh, settings=settings, base_name=base_name,
-        )  # fmt: skip
+            study,
+            evaluator,
+            space,
+            objective,
+            trials=trials,
+            budget=budget,
+            limit=args.limit,
+            base_name=base_name,
+        )
         search_seconds = time.monotonic() - search_started
         best = choose(done)
         if best is None:
@@ -700,9 +732,9 @@ def run_tune(args: argparse.Namespace) -> int:
         test_started = time.monotonic()
         for model, role in models:
             if model not in known_val:  # the compared mixtures and the base, on the docs the search saw
-                known_val[model] = evaluator.score(model, "validation", args.limit)
+                known_val[model] = scored(study, evaluator, model, "validation", args.limit)
             save = out / "lm-eval" / "test" / hashlib.sha256(model.encode()).hexdigest()[:12]
-            test = evaluator.score(model, "test", args.test_limit, save=save)
+            test = scored(study, evaluator, model, "test", args.test_limit, save=save)
             say(f"test: {model} ({role}): " + ", ".join(f"{t} {s.text()}" for t, s in test.items()))
             rows.append({
                 "model": model, "role": role,
@@ -723,7 +755,7 @@ def run_tune(args: argparse.Namespace) -> int:
         "version": 1,
         "name": name,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count()},
         "objective": {**asdict(objective), "text": objective.describe(), "tasks": objective.tasks},
         "space": asdict(space),
         "plans": [asdict(p) for p in plans],

@@ -11,6 +11,7 @@ own screenshots of the tiny fixtures (docs/studio.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser import chromium, console_errors, screenshot, wait_for  # noqa: E402
 from servers import running_server  # noqa: E402
 
-PROMPT = 'Which generic drug is sold as "Mycobutin"?'
+PROMPT = "How much is 7 times 8? Answer with the number only."
 
 
 def main() -> int:
@@ -34,13 +35,19 @@ def main() -> int:
         "--config", help="a tunevec.yaml whose named variants the page offers (tunevec tune's)"
     )
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--url", help="use this running server (started with the same settings) instead")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     extra = ["--adapter-rank", "128", "--max-lora-rank", "256", "--dtype", "auto", "--max-model-len", "1024"]
     if args.config:
         extra += ["--config", args.config]
     log = Path("artifacts/logs/studio-screenshots.log")
-    with running_server(args.fixtures / "base", args.vectors, *extra, log=log) as url, chromium() as d:
+    server = (
+        contextlib.nullcontext(args.url)
+        if args.url
+        else running_server(args.fixtures / "base", args.vectors, *extra, log=log)
+    )
+    with server as url, chromium() as d:
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
@@ -81,13 +88,14 @@ def main() -> int:
                 "an answer", lambda o=out: o.get_attribute("data-state") in ("done", "scored", "error"), 300
             )
         args.out.mkdir(parents=True, exist_ok=True)
-        screenshot(d, args.out / "studio-compare.png")
+        # the tooltip first (a full-page capture re-lays the page out), on mixture A's most moved token
         tokens = all_("article[data-mixture='A'] .tok")
         moved = max(tokens, key=lambda t: abs(float(t.get_attribute("data-delta"))))
-        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", moved)
         ActionChains(d).move_to_element(moved).perform()
         wait_for("the tooltip", lambda: css("#tip").is_displayed())
         screenshot(d, args.out / "studio-token-view.png", full_page=False)
+        ActionChains(d).move_to_element(css("h1")).perform()
+        screenshot(d, args.out / "studio-compare.png")
         errors = console_errors(d)
         if errors:
             print("console errors:", errors, file=sys.stderr)

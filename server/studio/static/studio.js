@@ -218,13 +218,21 @@ function mixtureColumn(m) {
               onchange: (event) => {
                 const v = state.session.variants[event.target.value];
                 if (!v) return;
+                m.variant = event.target.value;
                 m.components = componentsFromJson(v.json);
                 renderColumns();
                 scheduleDescribe(m);
               },
             },
             h("option", { value: "", text: "—" }),
-            variants.map(([name, v]) => h("option", { value: name, text: `${name} (${v.canonical})` })),
+            variants.map(([name, v]) =>
+              h("option", {
+                value: name,
+                text: `${name} (${v.canonical})`,
+                // still that variant while the spec is unchanged
+                selected: m.variant === name && mixtureSpec(m) === v.canonical,
+              }),
+            ),
           ),
         )
       : null,

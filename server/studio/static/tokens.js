@@ -155,7 +155,9 @@ export function makeTip(element) {
       const width = element.offsetWidth;
       const left = Math.max(8, Math.min(window.scrollX + box.left, window.scrollX + window.innerWidth - width - 8));
       element.style.left = `${left}px`;
-      element.style.top = `${window.scrollY + box.bottom + 6}px`;
+      // below the token, or above it when the tooltip would run off the bottom of the window
+      const below = box.bottom + 6 + element.offsetHeight <= window.innerHeight || box.top < element.offsetHeight + 6;
+      element.style.top = `${window.scrollY + (below ? box.bottom + 6 : box.top - element.offsetHeight - 6)}px`;
       span.setAttribute("aria-describedby", element.id);
     },
     hide(span) {

@@ -54,6 +54,11 @@ def server(
         with running_server(tiny_fixtures / "base", vectors, log=log) as url:
             out, _ = analyze.communicate(timeout=600)
             assert analyze.returncode == 0, out
+            if httpx.get(url + "/tunevec/", timeout=30).status_code == 401:
+                pytest.fail(
+                    "the server asks for the API key for the studio's page itself: server/middleware.py's "
+                    "ApiKeyMiddleware must let the shell through (tunevec.server.studio.shell_path; docs/studio.md)"
+                )
             yield url
 
 

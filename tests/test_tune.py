@@ -18,7 +18,7 @@ from conftest import artifacts_dir
 from servers import running_server
 
 from tunevec.core.errors import TunevecError
-from tunevec.eval.tune import Score, Space, Trial, choose, parse_objective
+from tunevec.eval.search import Score, Space, Trial, choose, parse_objective
 from tunevec.eval.variants_file import write_variant
 from tunevec.fixtures.tasks import MATH_TASK, MEDICAL_TASK
 

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tunevec.core.errors import NotFoundError, TunevecError
 from tunevec.server.served import EngineLoadError
+from tunevec.server.studio import shell_path
 
 logger = logging.getLogger("tunevec.server")
 STEERED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -318,7 +319,9 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         digest = _state(scope, "tunevec_key_digest")
-        if digest is None or scope.get("method") == "OPTIONS" or _path(scope) in OPEN_PATHS:
+        path, method = _path(scope), scope.get("method")
+        # The studio's shell (its static page: no data) opens without the key; its data calls carry it.
+        if digest is None or method == "OPTIONS" or path in OPEN_PATHS or shell_path(method, path):
             await self.app(scope, receive, send)
             return
         auth = dict(scope["headers"]).get(b"authorization", b"").decode(errors="replace")

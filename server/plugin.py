@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.errors import TunevecError
+from tunevec.server import studio
 from tunevec.server.config import ServerConfig
 from tunevec.server.middleware import SteeringRouter, error_body
 from tunevec.server.mixtures import MixtureRegistry
@@ -41,6 +42,7 @@ class TunevecEndpoints:
         app.add_api_route("/v1/tunevec/describe", describe, methods=["POST"])
         app.add_api_route("/v1/tunevec/engine", show_engine, methods=["GET"])
         app.add_api_route("/v1/models", show_models, methods=["GET"])
+        studio.mount(app)  # the steering studio at /tunevec/ (server/studio)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         config = ServerConfig.from_env()

@@ -48,6 +48,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "OpenAI-compatible server with per-request vector mixing",
     ),
     "eval": ("tunevec.eval.commands:configure_eval", "lm-eval over a grid of variants x tasks, resumable"),
+    "tune": (
+        "tunevec.eval.tune:configure_tune",
+        "choose each vector's alpha on validation docs (optuna), report it on test docs",
+    ),
 }
 
 

@@ -59,3 +59,27 @@ def reference_prompt_logprobs(
         logits = model(torch.tensor([token_ids])).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)
     return [float(logp[i - 1, token_ids[i]]) for i in range(1, len(token_ids))]
+
+
+def mixture_state(base_dir: Path, vectors_dir: Path, spec_text: str, rank: int, max_rank: int) -> dict:
+    """The weights a per-request mixture serves: base + sum_i alpha_i B_i A_i of each vector's rank-``rank``
+    factors (as the server builds them), and + sum_i alpha_i tau_i of the tensors carried whole (norms, biases)."""
+    from tunevec.core.checkpoint import Checkpoint
+    from tunevec.core.vector import TuningVector
+    from tunevec.steering.lora import adapter_from_vector, compose
+    from tunevec.steering.spec import Spec
+
+    spec = Spec.parse(spec_text)
+    adapters = {
+        v: adapter_from_vector(TuningVector(vectors_dir / v), rank=rank, max_rank=max_rank)
+        for v in spec.vectors
+    }
+    mixture = compose(spec, adapters, max_rank=max_rank)
+    base = Checkpoint(base_dir)
+    # A tied head is the embedding tensor itself: transformers ties it, so only the embedding is loaded.
+    state = {name: base.read(name) + mixture.delta(name) for name in mixture.factors if name in base.tensors}
+    for comp in spec.components:
+        for name, delta in adapters[comp.vector].deltas.items():
+            if comp.applies_to(name):
+                state[name] = state.get(name, base.read(name)) + comp.alpha * delta
+    return state

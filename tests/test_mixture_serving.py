@@ -12,14 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
+from servers import mixture_state, reference_prompt_logprobs, running_server, served_prompt_logprobs
 from transformers import AutoTokenizer
 
-from tunevec.core.checkpoint import Checkpoint
 from tunevec.core.extract import extract
-from tunevec.core.vector import TuningVector
-from tunevec.steering.lora import adapter_from_vector, compose
-from tunevec.steering.spec import Spec
 
 pytestmark = pytest.mark.slow
 RANK = 8
@@ -94,14 +90,9 @@ def test_fifty_distinct_mixtures_write_nothing_and_keep_memory_flat(server, vect
     assert rss1 <= 1.05 * rss0
 
 
-def low_rank_state(base_dir: Path, vectors_dir: Path, spec_text: str) -> dict:
-    spec = Spec.parse(spec_text)
-    adapters = {
-        v: adapter_from_vector(TuningVector(vectors_dir / v), rank=RANK, max_rank=16) for v in spec.vectors
-    }
-    mixture = compose(spec, adapters, max_rank=16)
-    base = Checkpoint(base_dir)
-    return {n: base.read(n) + mixture.delta(n) for n in mixture.factors if n in base.tensors}
+def low_rank_state(base_dir, vectors_dir, spec_text: str) -> dict:
+    """What the server serves for ``spec_text`` (rank-RANK factors, norms whole): ``servers.mixture_state``."""
+    return mixture_state(base_dir, vectors_dir, spec_text, RANK, 16)
 
 
 def test_a_vector_re_extracted_under_its_name_is_served_with_its_new_weights(

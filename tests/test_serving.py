@@ -12,13 +12,8 @@ import json
 import httpx
 import openai
 import pytest
-from servers import reference_prompt_logprobs, running_server, served_prompt_logprobs
+from servers import mixture_state, reference_prompt_logprobs, running_server, served_prompt_logprobs
 from transformers import AutoTokenizer
-
-from tunevec.core.checkpoint import Checkpoint
-from tunevec.core.vector import TuningVector
-from tunevec.steering.lora import adapter_from_vector, compose
-from tunevec.steering.spec import Spec
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -55,15 +50,8 @@ def client(server):
 
 
 def low_rank_state(base_dir, vectors_dir, spec_text: str) -> dict:
-    """Base weights plus the exact mixture sum alpha_i B_i A_i of the rank-RANK adapters the server builds."""
-    spec = Spec.parse(spec_text)
-    adapters = {
-        v: adapter_from_vector(TuningVector(vectors_dir / v), rank=RANK, max_rank=16) for v in spec.vectors
-    }
-    mixture = compose(spec, adapters, max_rank=16)
-    base = Checkpoint(base_dir)
-    # A tied head is the embedding tensor itself: transformers ties it, so only the embedding is loaded.
-    return {name: base.read(name) + mixture.delta(name) for name in mixture.factors if name in base.tensors}
+    """What the server serves for ``spec_text`` (rank-RANK factors, norms whole): ``servers.mixture_state``."""
+    return mixture_state(base_dir, vectors_dir, spec_text, RANK, 16)
 
 
 def assert_close(served: list[float], reference: list[float], what: str) -> float:
@@ -91,17 +79,18 @@ def test_mixture_logprobs_match_reference_of_the_low_rank_mixture(
         assert_close(served, reference_prompt_logprobs(tiny_fixtures / "base", state, ids), spec)
 
 
-def test_a_partly_carried_vector_is_named_with_its_left_out_share_on_every_response(server):
+def test_a_vector_carried_whole_is_served_without_a_left_out_header(server):
+    """The tiny fine-tunes move their norms too: carried whole per request, so nothing is named as left out."""
     body = {"prompt": "The diagnosis", "max_tokens": 1, "temperature": 0}
     steered = httpx.post(
         server + "/v1/completions", json={"model": "medical:2", **body}, headers=AUTH, timeout=60
     )
-    base = httpx.post(server + "/v1/completions", json={"model": "base", **body}, headers=AUTH, timeout=60)
-    assert steered.status_code == base.status_code == 200
-    # The tiny fine-tunes move their norms, which no LoRA slot carries (about 0.05% of ||tau||^2).
-    comp, _, share = steered.headers["x-tunevec-left-out"].partition("=")
-    assert comp == "medical:2" and 0 < float(share.rstrip("%")) < 1
-    assert "x-tunevec-left-out" not in base.headers
+    assert steered.status_code == 200 and "x-tunevec-left-out" not in steered.headers
+    described = httpx.post(
+        server + "/v1/tunevec/describe", json={"spec": "medical:2"}, headers=AUTH, timeout=60
+    ).json()
+    assert described["dropped_share"] == {"medical:2": 0.0}
+    assert any("norm" in name for name in described["deltas"])
 
 
 def test_mixture_changes_the_model(server, tokenizer):

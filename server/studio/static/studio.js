@@ -419,7 +419,7 @@ function renderDescribe(m) {
       h(
         "p",
         { class: "left-out" },
-        "Left out (no LoRA slot): ",
+        "Left out (not carried by this engine): ",
         left.map(([comp, share], i) => {
           const kinds = Object.keys(d.vector_adapters[comp.split(/[@[:]/)[0]]?.dropped || {}).join(", ");
           const over = share > d.max_dropped_share;

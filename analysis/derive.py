@@ -34,7 +34,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="the base model folder the vector was extracted from")
     parser.add_argument("--out", required=True, help="the activation-vector folder to write")
     parser.add_argument("--name", help="its name in specs (default: <vector>-act)")
-    parser.add_argument("--probe", help="JSONL of {domain, text} (default: the bundled probe sentences)")
+    parser.add_argument(
+        "--probe",
+        help="JSONL of {domain, text} or {domain, messages} (chat, rendered with the base's template); "
+        "default: the bundled probe sentences",
+    )
+    parser.add_argument("--domain", help="only the probe records of this domain")
     parser.add_argument(
         "--mode", choices=MODES, default="layers", help="increments at every layer, or one layer"
     )
@@ -53,7 +58,7 @@ def run_derive(args: argparse.Namespace) -> int:
     vector = TuningVector(args.vector)
     base = Checkpoint(args.base)
     vector.check_base(base)
-    texts, probe_sha = _probe_texts(args.probe, args.max_probe_texts)
+    texts, probe_sha = _probe_texts(args.probe, args.max_probe_texts, args.domain, base.path)
     shifts = residual_shifts(vector, base.path, texts, args.max_length)
     directions = directions_from(
         shifts, args.mode, args.layer if args.layer is not None else last_layer(vector)
@@ -64,6 +69,7 @@ def run_derive(args: argparse.Namespace) -> int:
         "vector_digest": vector.content_digest,
         "probe_sha256": probe_sha,
         "probe_texts": len(texts),
+        "probe_domain": args.domain,
         "mode": args.mode,
         "layer": args.layer if args.mode == "one" else None,
         "shift_norms": {str(k): float(s.norm()) for k, s in shifts.items()},
@@ -74,10 +80,36 @@ def run_derive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe_texts(path: str | None, max_texts: int) -> tuple[list[str], str]:
-    from tunevec.analysis.probe import BUILTIN_PROBE, load_probe, select_texts
+def _probe_texts(path: str | None, max_texts: int, domain: str | None, base: Path) -> tuple[list[str], str]:
+    """The probe texts: plain ``text`` records, or chat ``messages`` rendered with the base's chat template."""
+    import json
 
-    records = load_probe(path) if path else list(BUILTIN_PROBE)
+    from tunevec.analysis.probe import BUILTIN_PROBE, select_texts
+
+    if path is None:
+        records = list(BUILTIN_PROBE)
+    else:
+        try:
+            lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise TunevecError(f"--probe {path}: {exc}") from exc
+        records, tok = [], None
+        for rec in lines:
+            if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                if tok is None:
+                    from transformers import AutoTokenizer
+
+                    tok = AutoTokenizer.from_pretrained(base)
+                text = tok.apply_chat_template(rec["messages"], tokenize=False)
+            elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                text = rec["text"]
+            else:
+                raise TunevecError(f"--probe {path}: each line needs `text` or `messages`")
+            records.append({"domain": str(rec.get("domain", "all")), "text": text})
+    if domain is not None:
+        records = [r for r in records if r["domain"] == domain]
+        if not records:
+            raise TunevecError(f"no probe record of domain {domain!r}")
     texts = [r["text"] for r in select_texts(records, max_texts)]
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     return texts, digest

@@ -1,14 +1,15 @@
 """Per-request mixtures against the base on the same server: the targets of the mixtures issue, with an A/A control.
 
-    .venv/bin/python bench/bench_mixtures.py --model smol [--base B --vectors V] [--rounds 3] [--quick]
+    .venv/bin/python bench/bench_mixtures.py --model smol [--adapter-rank 16|128] [--rounds 3] [--quick]
 
-Two tunevec servers run side by side, the same but for ``--max-lora-rank`` (64 and 16; per-vector adapters at
-rank 16, ``--max-loras 8``). Scenarios, each sending the same requests from ``--concurrency`` clients:
+Two tunevec servers run side by side, the same but for ``--max-lora-rank``: "wide" (the smallest vLLM rank that
+holds a two-vector mixture, 64 for per-vector adapters at rank 16, 256 at rank 128) and "narrow" (the adapter rank
+itself); ``--max-loras 8``. Scenarios, each sending the same requests from ``--concurrency`` clients:
 
-  base / base again     S64, model ``base`` twice: the second is the A/A control (what noise alone gives)
-  1 mixture             S64, ``medical:0.8+math:0.4`` (rank 32: 16 per vector)
-  8 mixtures            S64, eight different mixtures in flight together (request i uses mixture i mod 8)
-  rank-16 @ 64 / @ 16   ``medical:0.8`` (rank 16) on S64 and on S16; base on S16 normalises the second server
+  base / base again     wide, model ``base`` twice: the second is the A/A control (what noise alone gives)
+  1 mixture             wide, ``medical:0.8+math:0.4`` (two vectors)
+  8 mixtures            wide, eight different mixtures in flight together (request i uses mixture i mod 8)
+  one vector @ wide / @ narrow   ``medical:0.8`` on both servers; base on the narrow one normalises it
 
 Two phases per scenario and round: generation (greedy, ``ignore_eos``) and prompt scoring (lm-eval's
 ``echo`` + ``logprobs`` loglikelihood request). Rounds rotate the scenario order. Throughput is summed tokens over
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-prompt-len", type=int, default=64)
     parser.add_argument("--loglik-prompt-len", type=int, default=256)
     parser.add_argument("--probes", type=int, default=10, help="never-seen mixtures timed (default 10)")
+    parser.add_argument("--adapter-rank", type=int, default=16, help="each vector's adapter rank (16 or 128)")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.requests = args.requests or (16 if args.quick else 24)
@@ -193,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = workdir_for(args, "tunevec-bench-mixtures-")
     atexit.register(remove_caches, workdir)
     vocab = vocab_size(base)
-    common = ["--adapter-rank", "16", "--max-loras", "8", "--max-dropped-share", "1"]
+    from tunevec.steering.lora import vllm_rank
+
+    rank = args.adapter_rank
+    wide = vllm_rank(2 * rank)
+    common = ["--adapter-rank", str(rank), "--max-loras", "8", "--max-dropped-share", "1"]
     specs = [
-        ServerSpec("S64", [*common, "--max-lora-rank", "64"]),
-        ServerSpec("S16", [*common, "--max-lora-rank", "16"]),
+        ServerSpec("S64", [*common, "--max-lora-rank", str(wide)]),
+        ServerSpec("S16", [*common, "--max-lora-rank", str(vllm_rank(rank))]),
     ]
     eight = eight_mixtures(num_layers(base))
     scenarios = [
@@ -204,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         Scenario("base again (A/A)", "S64", ["base"]),
         Scenario(f"1 mixture {ONE}", "S64", [ONE]),
         Scenario("8 mixtures", "S64", eight),
-        Scenario(f"{RANK16} @ max rank 64", "S64", [RANK16]),
-        Scenario(f"{RANK16} @ max rank 16", "S16", [RANK16]),
-        Scenario("base @ max rank 16", "S16", ["base"]),
+        Scenario(f"{RANK16} @ wide max rank", "S64", [RANK16]),
+        Scenario(f"{RANK16} @ narrow max rank", "S16", [RANK16]),
+        Scenario("base @ narrow max rank", "S16", ["base"]),
     ]
     print(
         header(
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     base_sc, one, eight_sc = by["base"], by[f"1 mixture {ONE}"], by["8 mixtures"]
     rows = []
     for sc in scenarios:
-        ref = by["base @ max rank 16"] if sc.server == "S16" else base_sc
+        ref = by["base @ narrow max rank"] if sc.server == "S16" else base_sc
         row = [sc.name, sc.server]
         for phase in PHASES:
             ratios = [a / b for a, b in zip(sc.per_round[phase], ref.per_round[phase], strict=True)]
@@ -270,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         ("prompt scoring, 8 mixtures / 1 mixture", r(eight_sc, one, "loglik"), TARGETS["eight"]),
     ]
     for phase in PHASES:
-        at64 = r(by[f"{RANK16} @ max rank 64"], base_sc, phase)
-        at16 = r(by[f"{RANK16} @ max rank 16"], by["base @ max rank 16"], phase)
+        at64 = r(by[f"{RANK16} @ wide max rank"], base_sc, phase)
+        at16 = r(by[f"{RANK16} @ narrow max rank"], by["base @ narrow max rank"], phase)
         lines.append(
-            (f"{phase}: rank-16 mixture at max rank 64 / at max rank 16", at64 / at16, TARGETS["rank64"])
+            (f"{phase}: one vector at the wide max rank / at the narrow one", at64 / at16, TARGETS["rank64"])
         )
     print("\n-- targets --")
     print(f"A/A control (base again / base): generation {aa[0]:.3f}, scoring {aa[1]:.3f}")

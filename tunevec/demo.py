@@ -57,6 +57,29 @@ def extract_vectors(fixtures: Path, out: Path) -> Path:
     return out
 
 
+def derive_activations(fixtures: Path, vectors: Path) -> None:
+    """``<domain>-act`` beside each vector: the mean residual-stream shift tau causes on the fixtures' held-out chat
+    exchanges of its own domain, as per-layer increments (``tunevec derive``; reused while its source is current)."""
+    from tunevec.cli import main as tunevec_main
+    from tunevec.core.activation import ActivationVector
+    from tunevec.core.vector import TuningVector
+
+    for name in DOMAINS:
+        out = vectors / f"{name}-act"
+        digest = TuningVector(vectors / name).content_digest
+        try:
+            current = ActivationVector(out).manifest["source"].get("vector_digest") == digest
+        except (TunevecError, KeyError):
+            current = False
+        if current:
+            say(f"activation vector {name}-act: current ({out})")
+            continue
+        argv = ["derive", str(vectors / name), "--base", str(fixtures / "base"), "--out", str(out),
+                "--probe", str(fixtures / "heldout.jsonl"), "--domain", name, "--force"]  # fmt: skip
+        if tunevec_main(argv) != 0:
+            raise TunevecError(f"tunevec derive of {name} failed")
+
+
 def _cached_run(label: str, command: str, args: list[str], vectors: Path, out: Path) -> Path | None:
     """Run `tunevec <command> ARGS` in a subprocess unless ``out`` holds its output for these very vectors.
 
@@ -118,6 +141,7 @@ def run(artifacts: Path, grid_path: Path, fresh: bool = False) -> int:
 
     t0 = time.monotonic()
     vectors = extract_vectors(fixtures, artifacts / "vectors" / "smol")
+    derive_activations(fixtures, vectors)
     stage("vectors", t0)
 
     t0 = time.monotonic()

@@ -1,0 +1,56 @@
+"""Throughputs the cost estimates divide work by, per device kind: measured, with where and when.
+
+Each rate is a kind of work per second (``analysis/estimate.py`` counts the work from the shapes and settings):
+
+  io          bytes of checkpoint and vector tensors read and moved to the compute device
+  extract     bytes of both checkpoints through ``tunevec extract`` (read, subtract, hash, write)
+  hash        bytes of a vector checked against its manifest on first open
+  load        bytes of a checkpoint loaded as a float32 model by transformers
+  svd         flops of randomized SVDs (Halko et al.; sketch, power iterations, QR)
+  svd_full    flops of exact SVDs (LAPACK / cuSOLVER, 4mn² + 22n³ with vectors, 4mn² − 4n³/3 values only)
+  matmul      flops of the other dense products of the weights walk (projections on W's subspaces, τ − BA)
+  forward     flops of float32 model passes (2 · parameters · tokens, plus attention and the LM head)
+  stats       fp64 flops of the probe's per-layer statistics (Gram matrices, eigendecompositions)
+
+``cpu`` rates were fitted by ``bench/bench_scaling.py`` on random SmolLM2-135M, SmolLM2-360M and Llama-3.2-1B
+shaped pairs (docs/scaling.md), for ``CPU_THREADS`` threads; on another CPU the compute rates are scaled by its
+thread count (a rough rule: matrix work scales with cores, reading does not). ``cuda`` rates come from
+``bench/device_check.sh`` on one H200 (a 7B-shaped pair). An estimate is a guide to within a factor of about two,
+not a promise; docs/scaling.md compares estimates with measured runs.
+"""
+
+from __future__ import annotations
+
+CPU_THREADS = 2
+CPU_MEASURED = "2026-12-04, 2-core AMD EPYC (AVX512-BF16), shared with two vLLM servers"
+CUDA_MEASURED = "2026-12-04, one NVIDIA H200 (torch 2.11, transformers 5.17)"
+
+RATES: dict[str, dict[str, float]] = {
+    "cpu": {
+        "io": 1.0e9,
+        "extract": 0.3e9,
+        "hash": 0.6e9,
+        "load": 0.5e9,
+        "svd": 40e9,
+        "svd_full": 10e9,
+        "matmul": 40e9,
+        "forward": 60e9,
+        "stats": 10e9,
+    },
+    "cuda": {
+        "io": 3.0e9,
+        "extract": 1.0e9,
+        "hash": 1.0e9,
+        "load": 1.5e9,
+        "svd": 20e12,
+        "svd_full": 0.5e12,
+        "matmul": 40e12,
+        "forward": 40e12,
+        "stats": 10e12,
+    },
+}
+# Kinds of work that do not speed up with more CPU threads.
+IO_KINDS = ("io", "extract", "hash", "load")
+
+# Resident memory of a process that has imported torch and transformers (and, on CUDA, created a context).
+HOST_BASELINE = {"cpu": 700 * 2**20, "cuda": 1500 * 2**20}

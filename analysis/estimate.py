@@ -1,0 +1,474 @@
+"""What a run of ``extract``, ``analyze`` or ``attribute`` will cost, known before it is paid.
+
+The work of each stage is counted from what is known before any tensor is read (tensor shapes from the
+safetensors headers, the vector manifests, the settings, the tokenised probe texts and examples); time is that work
+divided by measured throughputs (``analysis/costs.py``), memory is a sum of the buffers the stage holds at its
+peak. Each command prints its estimate first and refuses to start when the peak exceeds the memory it may use
+(``--max-memory``, else what the device reports free), naming what would make it fit. The formulas, and how the
+estimates compare with measured runs, are in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tunevec.analysis import costs
+from tunevec.analysis.device import available_memory, describe
+from tunevec.analysis.options import format_size
+from tunevec.core.checkpoint import Checkpoint, TensorInfo
+from tunevec.core.errors import TunevecError
+from tunevec.core.roles import classify
+
+LINEAR = ("attention", "mlp")
+N_ITER, OVERSAMPLE = 4, 10  # randomized_svd's settings (tunevec.core.linalg)
+
+
+@dataclass
+class Stage:
+    """One stage's predicted seconds and peak memory (device; host too when the device is a GPU)."""
+
+    name: str
+    work: dict[str, float]  # kind (see analysis/costs.py) -> amount
+    device_bytes: int
+    host_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)  # what the device peak is made of
+    seconds: float = 0.0
+
+
+@dataclass
+class Estimate:
+    command: str
+    device: torch.device
+    stages: list[Stage]
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    @property
+    def device_bytes(self) -> int:
+        return max(s.device_bytes for s in self.stages)
+
+    @property
+    def host_bytes(self) -> int:
+        return max(s.host_bytes for s in self.stages)
+
+    def lines(self) -> list[str]:
+        where = describe(self.device)
+        head = (
+            f"estimate for {self.command} on {where}: {_duration(self.seconds)}, peak memory "
+            f"{format_size(self.device_bytes)}"
+            + (
+                ""
+                if self.device.type == "cpu"
+                else f" on the GPU, {format_size(self.host_bytes)} on the host"
+            )
+        )
+        out = [head]
+        for s in self.stages:
+            parts = ", ".join(f"{k} {format_size(v)}" for k, v in s.parts.items() if v >= 2**20)
+            out.append(
+                f"  {s.name}: {_duration(s.seconds)}, {format_size(s.device_bytes)}"
+                + (f" ({parts})" if parts else "")
+            )
+        return out
+
+    def as_dict(self) -> dict:
+        return {
+            "command": self.command,
+            "device": str(self.device),
+            "seconds": self.seconds,
+            "device_bytes": self.device_bytes,
+            "host_bytes": self.host_bytes,
+            "stages": {
+                s.name: {
+                    "seconds": s.seconds,
+                    "device_bytes": s.device_bytes,
+                    "host_bytes": s.host_bytes,
+                    "work": s.work,
+                    "parts": s.parts,
+                }
+                for s in self.stages
+            },
+        }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def rates(device: torch.device) -> dict[str, float]:
+    """Throughputs for ``device``: the measured table, CPU compute rates scaled to this process's threads."""
+    if device.type == "cuda":
+        return dict(costs.RATES["cuda"])
+    scale = torch.get_num_threads() / costs.CPU_THREADS
+    return {k: v * (1.0 if k in costs.IO_KINDS else scale) for k, v in costs.RATES["cpu"].items()}
+
+
+def _finish(command: str, device: torch.device, stages: list[Stage]) -> Estimate:
+    r = rates(device)
+    for s in stages:
+        s.seconds = sum(amount / r[kind] for kind, amount in s.work.items())
+        if device.type == "cpu":
+            s.host_bytes = s.device_bytes = max(s.host_bytes, s.device_bytes)
+    return Estimate(command, device, stages)
+
+
+# ----------------------------------------------------------------------------- shapes and flops
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _itemsize(info: TensorInfo) -> int:
+    return info.nbytes // max(1, _numel(info.shape))
+
+
+def _bytes(ckpt: Checkpoint, name: str) -> int:
+    return _itemsize(ckpt.tensors[name])
+
+
+def _vector_itemsize(vector) -> int:
+    from tunevec.core.vector import DTYPES
+
+    return DTYPES[vector.manifest.dtype].itemsize
+
+
+def randomized_svd_flops(m: int, n: int, rank: int) -> float:
+    """Flops of ``randomized_svd`` (sketch q = rank + 10, 4 power iterations re-orthonormalised by QR)."""
+    q = min(rank + OVERSAMPLE, m, n)
+    return 2.0 * m * n * q * (2 + 2 * N_ITER) + 4.0 * (m + n) * q * q * (1 + N_ITER)
+
+
+def full_svd_flops(m: int, n: int, vectors: bool) -> float:
+    """Flops of an exact thin SVD (Golub & Van Loan's counts for the R-SVD)."""
+    big, small = max(m, n), min(m, n)
+    return 4.0 * big * small**2 + (22.0 * small**3 if vectors else -4.0 * small**3 / 3)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a cost estimate needs of a model, read from its checkpoint's headers and config."""
+
+    params: int  # every tensor, a tied head counted once
+    layer_params: tuple[int, ...]  # per decoder layer
+    hidden: int
+    vocab: int
+    intermediate: int
+    heads: int
+    largest: int  # entries of the largest tensor
+    largest_linear: int
+    dtype_bytes: int  # bytes per entry of the checkpoint's weights (the widest)
+    bytes: int  # of the whole checkpoint
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> ModelShape:
+        cfg = ckpt.config.get("text_config", ckpt.config)
+        n_layers = int(cfg.get("num_hidden_layers") or 0)
+        per_layer = [0] * n_layers
+        largest = largest_linear = 0
+        for name, info in ckpt.tensors.items():
+            role = classify(name, ckpt.architecture)
+            n = _numel(info.shape)
+            largest = max(largest, n)
+            if role.role in LINEAR and role.is_linear:
+                largest_linear = max(largest_linear, n)
+            if role.layer is not None and role.layer < n_layers:
+                per_layer[role.layer] += n
+        emb = [
+            info.shape
+            for name, info in ckpt.tensors.items()
+            if classify(name, ckpt.architecture).role == "embedding"
+        ]
+        hidden = int(cfg.get("hidden_size") or (emb[0][1] if emb else 0))
+        vocab = int(cfg.get("vocab_size") or (emb[0][0] if emb else 0))
+        return cls(
+            params=sum(_numel(i.shape) for i in ckpt.tensors.values()),
+            layer_params=tuple(per_layer),
+            hidden=hidden,
+            vocab=vocab,
+            intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
+            heads=int(cfg.get("num_attention_heads") or 1),
+            largest=largest,
+            largest_linear=largest_linear,
+            dtype_bytes=max((_itemsize(i) for i in ckpt.tensors.values()), default=4),
+            bytes=sum(i.nbytes for i in ckpt.tensors.values()),
+        )
+
+    def forward_flops(
+        self, tokens: float, length: float, layers: Iterable[int] | None = None, head_tokens=None
+    ) -> float:
+        """2 · parameters · tokens over ``layers`` (default all), attention scores and values (4 · length · d per
+        token and layer), and the LM head at ``head_tokens`` positions (default every token)."""
+        chosen = range(len(self.layer_params)) if layers is None else list(layers)
+        body = sum(2.0 * self.layer_params[i] * tokens + 4.0 * tokens * length * self.hidden for i in chosen)
+        head = 2.0 * self.hidden * self.vocab * (tokens if head_tokens is None else head_tokens)
+        return body + head
+
+    def activation_bytes(self, tokens: float, length: float) -> float:
+        """fp32 activations one decoder layer keeps for backward, per batch of ``tokens``: the inputs of its linears,
+        the MLP's hidden (gate, up, product) and the attention weights."""
+        per_token = 6 * self.hidden + 4 * self.intermediate + self.heads * length
+        return 4.0 * tokens * per_token
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def estimate_extract(base: Checkpoint, tuned: Checkpoint, dtype: str, device: torch.device) -> Estimate:
+    """``tunevec extract``: one pass over both checkpoints; memory bounded by the largest tensor. ``dtype`` is
+    the stored τ's (``auto``: at most the checkpoints' widest)."""
+    from tunevec.core.vector import DTYPES
+
+    shape = ModelShape.of(base)
+    out_dtype_bytes = shape.dtype_bytes if dtype == "auto" else DTYPES[dtype].itemsize
+    t, b_in = shape.largest, shape.dtype_bytes
+    moved = shape.bytes + ModelShape.of(tuned).bytes
+    base_host = costs.HOST_BASELINE[device.type]
+    if device.type == "cpu":
+        buffers = t * (4 + (8 if out_dtype_bytes == 4 else 4 + 2 * out_dtype_bytes) + b_in)
+        stage = Stage(
+            "extract", {"extract": moved}, buffers, base_host + buffers, {"tensor buffers": buffers}
+        )
+    else:
+        on_device = t * (8 + out_dtype_bytes + 2 * b_in)
+        host = base_host + t * (3 * b_in + 2 * out_dtype_bytes)
+        stage = Stage("extract", {"extract": moved}, on_device, host, {"tensor buffers": on_device})
+    return _finish("extract", device, [stage])
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+@dataclass(frozen=True)
+class ProbeWork:
+    """The probe's size, known once its texts are tokenised (``analysis/probe.py:probe_work``)."""
+
+    texts: int
+    tokens: int  # non-pad tokens run
+    padded_tokens: int  # positions run, padding included
+    kept_tokens: int  # token rows stored per layer
+    max_length: int
+    batch_size: int
+
+
+def _verify_bytes(vectors: Sequence) -> int:
+    from tunevec.core.vector import VERIFIED_FILE
+
+    return sum(
+        (v.path / "vector.safetensors").stat().st_size
+        for v in vectors
+        if not (v.path / VERIFIED_FILE).exists()
+    )
+
+
+def estimate_analyze(
+    vectors: Sequence,
+    base: Checkpoint,
+    opts,
+    probe: ProbeWork | None,
+    device: torch.device,
+) -> Estimate:
+    """``tunevec analyze``: the weights walk (one SVD of each changed W, one of each τ, projections) and the
+    probe (the resident base model, base + τ of each vector streamed in, per-layer statistics)."""
+    from tunevec.analysis.walk import in_layers
+
+    shape = ModelShape.of(base)
+    n_vec = len(vectors)
+    b_vec = _vector_itemsize(vectors[0])
+    host_base = costs.HOST_BASELINE[device.type]
+    stages = [Stage("open", {"hash": _verify_bytes(vectors)}, 0, host_base)]
+
+    work = {"io": 0.0, "svd": 0.0, "svd_full": 0.0, "matmul": 0.0}
+    largest_any = largest_lin = 0
+    for name, entry in vectors[0].manifest.tensors.items():
+        role = classify(name, base.architecture)
+        if not in_layers(role.layer, opts.layers):
+            continue
+        n = _numel(entry.shape)
+        linear = role.role in LINEAR and role.is_linear and len(entry.shape) == 2
+        work["io"] += n * b_vec * n_vec + (n * _bytes(base, name) if linear else 0)
+        largest_any = max(largest_any, n)
+        if not linear:
+            continue
+        largest_lin = max(largest_lin, n)
+        changed = [v.manifest.tensors[name].norm > 0 for v in vectors]
+        m, k_in = entry.shape
+        dim = min(m, k_in)
+        full = opts.method_for(entry.shape) == "full"
+        if any(changed):  # one SVD of W serves every vector
+            if full:
+                work["svd_full"] += full_svd_flops(m, k_in, vectors=True)
+            else:
+                cap = min(opts.k or min(opts.max_k, max(1, dim // 4)), dim)
+                work["svd"] += randomized_svd_flops(m, k_in, cap)
+        for ch in changed:
+            if not ch:
+                continue
+            work["svd_full" if full else "svd"] += (
+                full_svd_flops(m, k_in, vectors=False)
+                if full
+                else randomized_svd_flops(m, k_in, min(opts.sketch, dim))
+            )
+            if opts.factor_energy is not None:
+                f_full = opts.svd == "full" or 2 * opts.factor_max_rank >= dim
+                reused = not f_full and not full and min(opts.sketch, dim) == min(opts.factor_max_rank, dim)
+                if f_full:
+                    work["svd_full"] += full_svd_flops(m, k_in, vectors=True)
+                elif not reused:
+                    work["svd"] += randomized_svd_flops(m, k_in, min(opts.factor_max_rank, dim))
+                work["matmul"] += 2.0 * m * k_in * min(opts.factor_max_rank, dim)  # τ − BA at the chosen rank
+            work["matmul"] += 4.0 * m * k_in * min(opts.max_k, dim)  # U_kᵀτ and τV_k
+    if n_vec > 1:
+        work["matmul"] += (
+            3.0 * n_vec * (n_vec - 1) / 2 * sum(_numel(e.shape) for e in vectors[0].manifest.tensors.values())
+        )
+    b_w = shape.dtype_bytes
+    walk_dev = int(
+        n_vec * (4 + b_vec) * largest_any + (4 + b_w + 12) * largest_lin + (2**28 if n_vec > 1 else 0)
+    )
+    walk_host = host_base + int((n_vec * b_vec + b_w) * largest_any)
+    stages.append(
+        Stage(
+            "weights",
+            work,
+            walk_dev,
+            walk_host,
+            {
+                "tau per vector": n_vec * (4 + b_vec) * largest_any,
+                "W and its factors": (16 + b_w) * largest_lin,
+            },
+        )
+    )
+
+    if probe is not None:
+        n_states = len(shape.layer_params) + 1
+        if opts.layers is not None:
+            n_states = len([i for i in range(n_states) if opts.layers[0] <= i <= opts.layers[1]])
+        d, n = shape.hidden, probe.kept_tokens
+        small = min(n, d)
+        fwd = shape.forward_flops(probe.padded_tokens, probe.max_length)
+        stats = n_vec * n_states * (8.0 * n * d * small + 30.0 * small**3)
+        probe_work = {
+            "load": float(shape.bytes),
+            "io": float(
+                n_vec * (vectors[0].path / "vector.safetensors").stat().st_size + n_vec * shape.bytes
+            ),
+            "forward": fwd * (1 + n_vec),
+            "stats": stats,
+        }
+        model = 4 * shape.params
+        states = 2 * n_states * n * d * 4
+        batch_tokens = probe.batch_size * probe.max_length
+        transient = int(
+            batch_tokens * 4 * (n_states * d + shape.vocab + 4 * d + 3 * shape.intermediate)
+            + 4 * n * d * 8
+            + 3 * small * small * 8
+        )
+        stages.append(
+            Stage(
+                "probe",
+                probe_work,
+                model + states + transient,
+                host_base + 8 * shape.largest,
+                {"model (float32)": model, "hidden states": states, "batch and statistics": transient},
+            )
+        )
+    return _finish("analyze", device, stages)
+
+
+# ----------------------------------------------------------------------------- attribute
+
+
+@dataclass(frozen=True)
+class AttributionWork:
+    """One vector's share of an attribution run: its changed tensors, components and examples."""
+
+    first_layer: int
+    components: int
+    changed_params: int
+    changed_bytes: int  # of τ as stored
+    examples: int
+    tokens: int
+    max_length: int
+    scored: int
+    ks: int
+    seeds: int
+    batch_size: int
+
+    @property
+    def evaluations(self) -> int:
+        """Patched models evaluated at most: base, tuned, all components, each component alone and left out,
+        and per k the top-k, its two other rankings and one per seed (the cache removes repeats)."""
+        return 3 + 2 * self.components + self.ks * (3 + self.seeds)
+
+
+def estimate_attribute(base: Checkpoint, jobs: Sequence[AttributionWork], device: torch.device) -> Estimate:
+    """``tunevec attribute``: the resident float32 base, each vector's changed tensors and a copy of the base's on
+    the device, then patched evaluations of layers first.. and two backward passes per batch."""
+    shape = ModelShape.of(base)
+    host_base = costs.HOST_BASELINE[device.type]
+    stages = [Stage("load", {"load": float(shape.bytes)}, 4 * shape.params, host_base + 8 * shape.largest)]
+    n_layers = len(shape.layer_params)
+    for i, job in enumerate(jobs):
+        suffix = range(job.first_layer, n_layers)
+        one = shape.forward_flops(job.tokens, job.max_length, suffix, head_tokens=job.scored)
+        prefix = shape.forward_flops(job.tokens, job.max_length, range(job.first_layer), head_tokens=0)
+        work = {
+            "io": float(job.changed_bytes + job.changed_params * shape.dtype_bytes),
+            "forward": prefix
+            + one * job.evaluations
+            + 6.0 * one,  # estimates: forward + backward at both ends
+        }
+        patches = job.changed_params * shape.dtype_bytes + job.changed_bytes
+        batch_tokens = job.batch_size * job.max_length
+        acts = int(
+            len(suffix) * shape.activation_bytes(batch_tokens, job.max_length)
+            + 3 * 4 * min(job.scored, batch_tokens) * shape.vocab
+            + 4 * job.tokens * shape.hidden
+        )
+        stages.append(
+            Stage(
+                f"vector {i + 1}",
+                work,
+                4 * shape.params + patches + acts + 8 * shape.largest_linear,
+                host_base + 8 * shape.largest,
+                {"model (float32)": 4 * shape.params, "base copy and tau": patches, "activations": acts},
+            )
+        )
+    return _finish("attribute", device, stages)
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def check(estimate: Estimate, max_memory: int | None, options: Sequence[str], *, quiet: bool = False) -> None:
+    """Print the estimate; refuse (TunevecError) when its peak exceeds ``max_memory`` or, without it, what the
+    device (and, for a GPU, the host) reports free. ``options`` name what the command could do instead."""
+    if not quiet:
+        for line in estimate.lines():
+            print(line, flush=True)
+    limit = max_memory if max_memory is not None else available_memory(estimate.device)
+    where = "--max-memory" if max_memory is not None else f"free on {estimate.device}"
+    problems = []
+    if limit is not None and estimate.device_bytes > limit:
+        problems.append(f"{format_size(estimate.device_bytes)} needed, {format_size(limit)} {where}")
+    if estimate.device.type == "cuda":
+        host = available_memory(torch.device("cpu"))
+        if host is not None and estimate.host_bytes > host:
+            problems.append(
+                f"{format_size(estimate.host_bytes)} of host memory needed, {format_size(host)} free"
+            )
+    if problems:
+        raise TunevecError(
+            f"{estimate.command} would not fit: {'; '.join(problems)}. Options: " + "; ".join(options)
+        )

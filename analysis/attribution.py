@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,28 +431,39 @@ def attribute_vector(
     first = min(r.layer for r in roles.values() if r.layer is not None)
     embedding_changed = any(r.role == "embedding" for r in roles.values())
     all_components = [t for c in components for t in c.tensors]
+    timing = dict.fromkeys(("setup", "prefix", "estimates", "patched"), 0.0)
+    clock = time.perf_counter()
     patcher = WeightPatcher(model, vector, nonzero)
     patcher.set(())
+    timing["setup"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     loss = DomainLoss(model, examples, first, batch_size)
+    timing["prefix"] = time.perf_counter() - clock
     cache: dict[frozenset[str], float] = {}
 
     def loss_with(chosen: Iterable[Component]) -> float:
         key = frozenset(c.name for c in chosen)
         if key not in cache:
+            t0 = time.perf_counter()
             patcher.set(t for name in key for t in by_name[name].tensors)
-            cache[key] = loss()
+            cache[key] = loss()  # .item() inside: the device's work is done when it returns
+            timing["patched"] += time.perf_counter() - t0
         return cache[key]
 
     l_base = loss_with(())
     patcher.set(nonzero)
     # τ on the embeddings changes the input of layer `first` too, so the full tuned model needs its own prefix.
+    clock = time.perf_counter()
     l_tuned = DomainLoss(model, examples, first, batch_size)() if embedding_changed else loss()
+    timing["patched"] += time.perf_counter() - clock
     l_components = loss_with(components)
     log(
         f"{vector.name}: {len(components)} components in layers {components[0].layer}-{components[-1].layer}, "
         f"{len(examples)} examples, {loss.tokens} scored tokens; loss base {l_base:.4f}, tuned {l_tuned:.4f}"
     )
+    clock = time.perf_counter()
     estimates = linear_estimates(loss, patcher, components, all_components)
+    timing["estimates"] = time.perf_counter() - clock
     gain = l_base - l_tuned
 
     rows = []
@@ -530,6 +542,7 @@ def attribute_vector(
         "seeds": list(seeds),
         "curve": curve,
         "patched_models_evaluated": len(cache),
+        "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
     }
 
 
@@ -619,7 +632,7 @@ def attribute(
     """
     from transformers import AutoTokenizer
 
-    from tunevec.analysis.estimate import check, estimate_attribute
+    from tunevec.analysis.estimate import ModelShape, check, estimate_attribute
     from tunevec.analysis.meter import Meter
     from tunevec.analysis.plots import plot_attribution
     from tunevec.analysis.resident import load_model
@@ -644,7 +657,9 @@ def attribute(
         jobs.append((vector, domain, examples))
     arch = checkpoint.architecture
     estimate = estimate_attribute(
-        checkpoint, [_work(v, ex, arch, ks, len(seeds), batch_size, layers) for v, _, ex in jobs], device
+        ModelShape.of(checkpoint),
+        [_work(v, ex, arch, ks, len(seeds), batch_size, layers) for v, _, ex in jobs],
+        device,
     )
     check(estimate, max_memory, _fit_options(device, max_examples, max_tokens, batch_size))
     with meter.stage("load"):

@@ -37,6 +37,9 @@ class Stage:
     host_bytes: int
     parts: dict[str, int] = field(default_factory=dict)  # what the device peak is made of
     seconds: float = 0.0
+    details: dict[str, float] = field(
+        default_factory=dict
+    )  # counts behind the work (for bench/bench_scaling.py)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Estimate:
                     "host_bytes": s.host_bytes,
                     "work": s.work,
                     "parts": s.parts,
+                    "details": s.details,
                 }
                 for s in self.stages
             },
@@ -172,36 +176,45 @@ class ModelShape:
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> ModelShape:
-        cfg = ckpt.config.get("text_config", ckpt.config)
+        return cls.from_shapes(
+            {n: tuple(i.shape) for n, i in ckpt.tensors.items()},
+            ckpt.config,
+            ckpt.architecture,
+            max((_itemsize(i) for i in ckpt.tensors.values()), default=4),
+        )
+
+    @classmethod
+    def from_shapes(
+        cls, shapes: dict[str, tuple[int, ...]], config: dict, architecture: str | None, itemsize: int
+    ) -> ModelShape:
+        """From tensor shapes and a config.json dict (a checkpoint's, or a model never written, for predictions)."""
+        cfg = config.get("text_config", config)
         n_layers = int(cfg.get("num_hidden_layers") or 0)
         per_layer = [0] * n_layers
         largest = largest_linear = 0
-        for name, info in ckpt.tensors.items():
-            role = classify(name, ckpt.architecture)
-            n = _numel(info.shape)
+        hidden = vocab = 0
+        for name, dims in shapes.items():
+            role = classify(name, architecture)
+            n = _numel(dims)
             largest = max(largest, n)
             if role.role in LINEAR and role.is_linear:
                 largest_linear = max(largest_linear, n)
             if role.layer is not None and role.layer < n_layers:
                 per_layer[role.layer] += n
-        emb = [
-            info.shape
-            for name, info in ckpt.tensors.items()
-            if classify(name, ckpt.architecture).role == "embedding"
-        ]
-        hidden = int(cfg.get("hidden_size") or (emb[0][1] if emb else 0))
-        vocab = int(cfg.get("vocab_size") or (emb[0][0] if emb else 0))
+            if role.role == "embedding" and len(dims) == 2:
+                vocab, hidden = dims
+        params = sum(_numel(d) for d in shapes.values())
         return cls(
-            params=sum(_numel(i.shape) for i in ckpt.tensors.values()),
+            params=params,
             layer_params=tuple(per_layer),
-            hidden=hidden,
-            vocab=vocab,
+            hidden=int(cfg.get("hidden_size") or hidden),
+            vocab=int(cfg.get("vocab_size") or vocab),
             intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
             heads=int(cfg.get("num_attention_heads") or 1),
             largest=largest,
             largest_linear=largest_linear,
-            dtype_bytes=max((_itemsize(i) for i in ckpt.tensors.values()), default=4),
-            bytes=sum(i.nbytes for i in ckpt.tensors.values()),
+            dtype_bytes=itemsize,
+            bytes=params * itemsize,
         )
 
     def forward_flops(
@@ -225,23 +238,27 @@ class ModelShape:
 
 
 def estimate_extract(base: Checkpoint, tuned: Checkpoint, dtype: str, device: torch.device) -> Estimate:
-    """``tunevec extract``: one pass over both checkpoints; memory bounded by the largest tensor. ``dtype`` is
-    the stored τ's (``auto``: at most the checkpoints' widest)."""
+    """``tunevec extract`` of this pair; ``dtype`` is the stored τ's (``auto``: at most the checkpoints' widest)."""
     from tunevec.core.vector import DTYPES
 
     shape = ModelShape.of(base)
-    out_dtype_bytes = shape.dtype_bytes if dtype == "auto" else DTYPES[dtype].itemsize
+    out = shape.dtype_bytes if dtype == "auto" else DTYPES[dtype].itemsize
+    return extract_cost(shape, ModelShape.of(tuned).bytes, out, device)
+
+
+def extract_cost(shape: ModelShape, tuned_bytes: int, out_itemsize: int, device: torch.device) -> Estimate:
+    """One pass over both checkpoints; memory bounded by the largest tensor (``tunevec.core.extract``'s buffers)."""
     t, b_in = shape.largest, shape.dtype_bytes
-    moved = shape.bytes + ModelShape.of(tuned).bytes
-    base_host = costs.HOST_BASELINE[device.type]
+    moved = float(shape.bytes + tuned_bytes)
+    host_base = costs.HOST_BASELINE[device.type]
     if device.type == "cpu":
-        buffers = t * (4 + (8 if out_dtype_bytes == 4 else 4 + 2 * out_dtype_bytes) + b_in)
+        buffers = t * (4 + (8 if out_itemsize == 4 else 4 + 2 * out_itemsize) + b_in)
         stage = Stage(
-            "extract", {"extract": moved}, buffers, base_host + buffers, {"tensor buffers": buffers}
+            "extract", {"extract": moved}, buffers, host_base + buffers, {"tensor buffers": buffers}
         )
     else:
-        on_device = t * (8 + out_dtype_bytes + 2 * b_in)
-        host = base_host + t * (3 * b_in + 2 * out_dtype_bytes)
+        on_device = t * (8 + out_itemsize + 2 * b_in)
+        host = host_base + t * (3 * b_in + 2 * out_itemsize)
         stage = Stage("extract", {"extract": moved}, on_device, host, {"tensor buffers": on_device})
     return _finish("extract", device, [stage])
 
@@ -261,14 +278,58 @@ class ProbeWork:
     batch_size: int
 
 
-def _verify_bytes(vectors: Sequence) -> int:
-    from tunevec.core.vector import VERIFIED_FILE
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the vectors, as the weights walk will meet it."""
 
-    return sum(
-        (v.path / "vector.safetensors").stat().st_size
-        for v in vectors
-        if not (v.path / VERIFIED_FILE).exists()
-    )
+    shape: tuple[int, ...]
+    layer: int | None
+    linear: bool  # an attention or MLP matrix: SVDs, alignment, factor
+    changed: tuple[bool, ...]  # τ ≠ 0, per vector
+    base_itemsize: int
+
+
+@dataclass(frozen=True)
+class AnalyzeInputs:
+    """What the analysis estimate needs of the vectors and their base, as plain data."""
+
+    model: ModelShape
+    tensors: tuple[TensorPlan, ...]
+    vector_itemsize: int
+    vector_bytes: int  # of one vector's tensors file
+    verify_bytes: int  # of vector files not yet checked against their manifests
+
+    @property
+    def n_vectors(self) -> int:
+        return len(self.tensors[0].changed) if self.tensors else 0
+
+    @classmethod
+    def of(cls, vectors: Sequence, base: Checkpoint) -> AnalyzeInputs:
+        from tunevec.core.vector import DTYPES, TENSORS_FILE, VERIFIED_FILE
+
+        plans = []
+        for name, entry in vectors[0].manifest.tensors.items():
+            role = classify(name, base.architecture)
+            plans.append(
+                TensorPlan(
+                    shape=tuple(entry.shape),
+                    layer=role.layer,
+                    linear=role.role in LINEAR and role.is_linear and len(entry.shape) == 2,
+                    changed=tuple(v.manifest.tensors[name].norm > 0 for v in vectors),
+                    base_itemsize=_bytes(base, name),
+                )
+            )
+        sizes = [(v.path / TENSORS_FILE).stat().st_size for v in vectors]
+        unverified = [
+            size for v, size in zip(vectors, sizes, strict=True) if not (v.path / VERIFIED_FILE).exists()
+        ]
+        return cls(
+            model=ModelShape.of(base),
+            tensors=tuple(plans),
+            vector_itemsize=DTYPES[vectors[0].manifest.dtype].itemsize,
+            vector_bytes=max(sizes),
+            verify_bytes=sum(unverified),
+        )
 
 
 def estimate_analyze(
@@ -278,47 +339,48 @@ def estimate_analyze(
     probe: ProbeWork | None,
     device: torch.device,
 ) -> Estimate:
-    """``tunevec analyze``: the weights walk (one SVD of each changed W, one of each τ, projections) and the
-    probe (the resident base model, base + τ of each vector streamed in, per-layer statistics)."""
+    """``tunevec analyze`` of these vectors against ``base`` (see :func:`analyze_cost`)."""
+    return analyze_cost(AnalyzeInputs.of(vectors, base), opts, probe, device)
+
+
+def analyze_cost(inputs: AnalyzeInputs, opts, probe: ProbeWork | None, device: torch.device) -> Estimate:
+    """The weights walk (one SVD of each changed W, one of each τ, projections) and the probe (the resident base
+    model, base + τ of each vector streamed in, per-layer statistics)."""
     from tunevec.analysis.walk import in_layers
 
-    shape = ModelShape.of(base)
-    n_vec = len(vectors)
-    b_vec = _vector_itemsize(vectors[0])
+    shape = inputs.model
+    n_vec = inputs.n_vectors
+    b_vec = inputs.vector_itemsize
     host_base = costs.HOST_BASELINE[device.type]
-    stages = [Stage("open", {"hash": _verify_bytes(vectors)}, 0, host_base)]
+    stages = [Stage("open", {"hash": float(inputs.verify_bytes)}, 0, host_base)]
 
     work = {"io": 0.0, "svd": 0.0, "svd_full": 0.0, "matmul": 0.0}
     largest_any = largest_lin = 0
-    for name, entry in vectors[0].manifest.tensors.items():
-        role = classify(name, base.architecture)
-        if not in_layers(role.layer, opts.layers):
+    for t in inputs.tensors:
+        if not in_layers(t.layer, opts.layers):
             continue
-        n = _numel(entry.shape)
-        linear = role.role in LINEAR and role.is_linear and len(entry.shape) == 2
-        work["io"] += n * b_vec * n_vec + (n * _bytes(base, name) if linear else 0)
+        n = _numel(t.shape)
+        work["io"] += n * b_vec * n_vec + (n * t.base_itemsize if t.linear else 0)
         largest_any = max(largest_any, n)
-        if not linear:
+        if not t.linear:
             continue
         largest_lin = max(largest_lin, n)
-        changed = [v.manifest.tensors[name].norm > 0 for v in vectors]
-        m, k_in = entry.shape
+        m, k_in = t.shape
         dim = min(m, k_in)
-        full = opts.method_for(entry.shape) == "full"
-        if any(changed):  # one SVD of W serves every vector
+        full = opts.method_for(t.shape) == "full"
+        if any(t.changed):  # one SVD of W serves every vector
             if full:
                 work["svd_full"] += full_svd_flops(m, k_in, vectors=True)
             else:
                 cap = min(opts.k or min(opts.max_k, max(1, dim // 4)), dim)
                 work["svd"] += randomized_svd_flops(m, k_in, cap)
-        for ch in changed:
-            if not ch:
+        for changed in t.changed:
+            if not changed:
                 continue
-            work["svd_full" if full else "svd"] += (
-                full_svd_flops(m, k_in, vectors=False)
-                if full
-                else randomized_svd_flops(m, k_in, min(opts.sketch, dim))
-            )
+            if full:
+                work["svd_full"] += full_svd_flops(m, k_in, vectors=False)
+            else:
+                work["svd"] += randomized_svd_flops(m, k_in, min(opts.sketch, dim))
             if opts.factor_energy is not None:
                 f_full = opts.svd == "full" or 2 * opts.factor_max_rank >= dim
                 reused = not f_full and not full and min(opts.sketch, dim) == min(opts.factor_max_rank, dim)
@@ -329,8 +391,9 @@ def estimate_analyze(
                 work["matmul"] += 2.0 * m * k_in * min(opts.factor_max_rank, dim)  # τ − BA at the chosen rank
             work["matmul"] += 4.0 * m * k_in * min(opts.max_k, dim)  # U_kᵀτ and τV_k
     if n_vec > 1:
+        pairs = n_vec * (n_vec - 1) / 2
         work["matmul"] += (
-            3.0 * n_vec * (n_vec - 1) / 2 * sum(_numel(e.shape) for e in vectors[0].manifest.tensors.values())
+            3.0 * pairs * sum(_numel(t.shape) for t in inputs.tensors if in_layers(t.layer, opts.layers))
         )
     b_w = shape.dtype_bytes
     walk_dev = int(
@@ -349,41 +412,43 @@ def estimate_analyze(
             },
         )
     )
-
     if probe is not None:
-        n_states = len(shape.layer_params) + 1
-        if opts.layers is not None:
-            n_states = len([i for i in range(n_states) if opts.layers[0] <= i <= opts.layers[1]])
-        d, n = shape.hidden, probe.kept_tokens
-        small = min(n, d)
-        fwd = shape.forward_flops(probe.padded_tokens, probe.max_length)
-        stats = n_vec * n_states * (8.0 * n * d * small + 30.0 * small**3)
-        probe_work = {
-            "load": float(shape.bytes),
-            "io": float(
-                n_vec * (vectors[0].path / "vector.safetensors").stat().st_size + n_vec * shape.bytes
-            ),
-            "forward": fwd * (1 + n_vec),
-            "stats": stats,
-        }
-        model = 4 * shape.params
-        states = 2 * n_states * n * d * 4
-        batch_tokens = probe.batch_size * probe.max_length
-        transient = int(
-            batch_tokens * 4 * (n_states * d + shape.vocab + 4 * d + 3 * shape.intermediate)
-            + 4 * n * d * 8
-            + 3 * small * small * 8
-        )
-        stages.append(
-            Stage(
-                "probe",
-                probe_work,
-                model + states + transient,
-                host_base + 8 * shape.largest,
-                {"model (float32)": model, "hidden states": states, "batch and statistics": transient},
-            )
-        )
+        stages.append(_probe_stage(shape, probe, n_vec, inputs.vector_bytes, opts.layers, host_base))
     return _finish("analyze", device, stages)
+
+
+def _probe_stage(
+    shape: ModelShape, probe: ProbeWork, n_vec: int, vector_bytes: int, layers, host_base: int
+) -> Stage:
+    n_states = len(shape.layer_params) + 1
+    if layers is not None:
+        n_states = len([i for i in range(n_states) if layers[0] <= i <= layers[1]])
+    d, n = shape.hidden, probe.kept_tokens
+    small = min(n, d)
+    fwd = shape.forward_flops(probe.padded_tokens, probe.max_length)
+    work = {
+        "load": float(shape.bytes),
+        "io": float(
+            n_vec * (vector_bytes + shape.bytes)
+        ),  # each τ streamed in, the base's tensors streamed back
+        "forward": fwd * (1 + n_vec),
+        "stats": n_vec * n_states * (8.0 * n * d * small + 30.0 * small**3),
+    }
+    model = 4 * shape.params
+    states = 2 * n_states * n * d * 4
+    batch_tokens = probe.batch_size * probe.max_length
+    transient = int(
+        batch_tokens * 4 * (n_states * d + shape.vocab + 4 * d + 3 * shape.intermediate)
+        + 4 * n * d * 8
+        + 3 * small * small * 8
+    )
+    return Stage(
+        "probe",
+        work,
+        model + states + transient,
+        host_base + 8 * shape.largest,
+        {"model (float32)": model, "hidden states": states, "batch and statistics": transient},
+    )
 
 
 # ----------------------------------------------------------------------------- attribute
@@ -412,10 +477,9 @@ class AttributionWork:
         return 3 + 2 * self.components + self.ks * (3 + self.seeds)
 
 
-def estimate_attribute(base: Checkpoint, jobs: Sequence[AttributionWork], device: torch.device) -> Estimate:
+def estimate_attribute(shape: ModelShape, jobs: Sequence[AttributionWork], device: torch.device) -> Estimate:
     """``tunevec attribute``: the resident float32 base, each vector's changed tensors and a copy of the base's on
     the device, then patched evaluations of layers first.. and two backward passes per batch."""
-    shape = ModelShape.of(base)
     host_base = costs.HOST_BASELINE[device.type]
     stages = [Stage("load", {"load": float(shape.bytes)}, 4 * shape.params, host_base + 8 * shape.largest)]
     n_layers = len(shape.layer_params)
@@ -443,6 +507,7 @@ def estimate_attribute(base: Checkpoint, jobs: Sequence[AttributionWork], device
                 4 * shape.params + patches + acts + 8 * shape.largest_linear,
                 host_base + 8 * shape.largest,
                 {"model (float32)": 4 * shape.params, "base copy and tau": patches, "activations": acts},
+                details={"prefix_flops": prefix, "evaluation_flops": one, "evaluations": job.evaluations},
             )
         )
     return _finish("attribute", device, stages)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -254,7 +255,10 @@ def representation_change(
     domains = sorted(set(domains_per_token))
     dom_index = {d: torch.tensor([x == d for x in domains_per_token], device=device) for d in domains}
 
+    timing = dict.fromkeys(("load", "forward", "stream", "statistics"), 0.0)
+    t0 = time.perf_counter()
     resident = ResidentModel(base_path, device)
+    timing["load"] = _since(t0, device)
     n_states = resident.model.config.num_hidden_layers + 1
     indices = list(range(n_states))
     if layers is not None:
@@ -264,7 +268,9 @@ def representation_change(
             raise TunevecError(
                 f"--layers {start}:{end} selects no hidden state of a {n_states - 1}-layer model"
             )
+    t0 = time.perf_counter()
     base_h = hidden_states(resident.model, batches, keep_mask, indices)
+    timing["forward"] += _since(t0, device)
     n, d = base_h[0].shape
     k = max(1, min(settings.angle_k, d, n - 1))
     result: dict = {
@@ -279,14 +285,21 @@ def representation_change(
         "vectors": {},
     }
     for name, source in tuned.items():
+        t0 = time.perf_counter()
         if isinstance(source, str | os.PathLike):
             resident.load_checkpoint(source)
             subject = str(source)
         else:
             resident.add_vector(source)
             subject = f"base + tau of {source.path}"
+        timing["stream"] += _since(t0, device)
+        t0 = time.perf_counter()
         tuned_h = hidden_states(resident.model, batches, keep_mask, indices)
+        timing["forward"] += _since(t0, device)
+        t0 = time.perf_counter()
         resident.restore()
+        timing["stream"] += _since(t0, device)
+        t0 = time.perf_counter()
         if len(tuned_h) != len(base_h) or tuned_h[0].shape != base_h[0].shape:
             raise TunevecError(f"tuned model {subject} does not produce hidden states shaped like the base's")
         rows, by_domain = [], {dom: [] for dom in domains}
@@ -308,6 +321,7 @@ def representation_change(
                 ok = int(m.sum()) >= settings.min_domain_tokens
                 by_domain[dom].append(linear_cka(X[m], Y[m]) if ok else float("nan"))
         del tuned_h
+        timing["statistics"] += _since(t0, device)
         ckas = [row["cka"] for row in rows]
         result["vectors"][name] = {
             "tuned_path": subject,
@@ -324,4 +338,12 @@ def representation_change(
             },
         }
     resident.release()
+    result["timing_seconds"] = {k: round(v, 3) for k, v in timing.items()}
     return result
+
+
+def _since(t0: float, device: torch.device) -> float:
+    """Seconds since ``t0``, once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0

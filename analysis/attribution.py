@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from tunevec.analysis.options import add_device_arguments, parse_layers
-from tunevec.analysis.suffix import IGNORE, Example, prefix_states, suffix_batch, suffix_loss
+from tunevec.analysis.suffix import IGNORE, Example, advance_states, prefix_states, suffix_batch, suffix_loss
 from tunevec.core.errors import TunevecError
 from tunevec.core.roles import classify
 
@@ -277,7 +277,11 @@ def _lossless_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 class DomainLoss:
-    """L over fixed examples, running only layers ``first..`` from cached inputs of layer ``first``."""
+    """L over fixed examples, running only layers ``first..`` from cached inputs of layer ``first``.
+
+    ``loss(start, states)`` runs layers ``start..`` from given inputs of layer ``start`` instead: exact for any
+    weights that equal, below ``start``, those the inputs were computed with (``layer_inputs``).
+    """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[Example], first: int, batch_size: int):
         self.model, self.first = model, first
@@ -285,16 +289,28 @@ class DomainLoss:
         self.batch_size = batch_size
         self.tokens = sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in self.examples)
         self.states = prefix_states(model, self.examples, first, batch_size)
+        self.n_layers = len(model.model.layers)
 
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, states: Sequence[torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        states = self.states if states is None else states
         for i in range(0, len(self.examples), self.batch_size):
-            yield suffix_batch(self.states[i : i + self.batch_size], self.examples[i : i + self.batch_size])
+            yield suffix_batch(states[i : i + self.batch_size], self.examples[i : i + self.batch_size])
 
     @torch.no_grad()
-    def __call__(self) -> float:
+    def __call__(self, start: int | None = None, states: Sequence[torch.Tensor] | None = None) -> float:
         self.model.eval()
-        total = sum(suffix_loss(self.model, self.first, b, reduction="sum").item() for b in self.batches())
+        start = self.first if start is None else start
+        total = sum(suffix_loss(self.model, start, b, reduction="sum").item() for b in self.batches(states))
         return total / self.tokens
+
+    def layer_inputs(self) -> dict[int, list[torch.Tensor]]:
+        """The inputs of every decoder layer first..L-1 under the model's current weights (one pass)."""
+        out = {self.first: self.states}
+        for layer in range(self.first + 1, self.n_layers):
+            out[layer] = advance_states(
+                self.model, out[layer - 1], self.examples, layer - 1, layer, self.batch_size
+            )
+        return out
 
     def backward(self, batch: dict[str, torch.Tensor], components: Sequence[Component]) -> dict[str, tuple]:
         """Backpropagate this batch's share of L; returns each component's (output, ∂L/∂output).
@@ -440,23 +456,49 @@ def attribute_vector(
     loss = DomainLoss(model, examples, first, batch_size)
     timing["prefix"] = time.perf_counter() - clock
     cache: dict[frozenset[str], float] = {}
+    # Two patched models are remembered layer by layer, the base and base + τ on every component: a patch set
+    # that equals one of them below layer ℓ starts from that model's inputs of ℓ, not from layer `first`. Single
+    # components (alone, or left out of all) then run only their own layer and those above: half the work.
+    layer_of = {t: classify(t, architecture).layer for c in components for t in c.tensors}
+    references: list[tuple[frozenset[str], dict[int, list[torch.Tensor]]]] = []
+    work = {"evaluations": 0, "layers_run": 0, "n_layers": loss.n_layers}
 
     def loss_with(chosen: Iterable[Component]) -> float:
         key = frozenset(c.name for c in chosen)
         if key not in cache:
             t0 = time.perf_counter()
-            patcher.set(t for name in key for t in by_name[name].tensors)
-            cache[key] = loss()  # .item() inside: the device's work is done when it returns
+            on = frozenset(t for name in key for t in by_name[name].tensors)
+            start, states = loss.first, None
+            for ref_on, inputs in references:
+                diff = on ^ ref_on
+                lowest = min(layer_of[t] for t in diff) if diff else None
+                if lowest is not None and lowest > start:
+                    start, states = lowest, inputs[lowest]
+            patcher.set(on)
+            cache[key] = loss(start, states)  # .item() inside: the device's work is done when it returns
+            work["evaluations"] += 1
+            work["layers_run"] += loss.n_layers - start
             timing["patched"] += time.perf_counter() - t0
         return cache[key]
 
+    def remember(chosen: Sequence[Component]) -> None:
+        t0 = time.perf_counter()
+        patcher.set(t for c in chosen for t in c.tensors)
+        references.append((frozenset(t for c in chosen for t in c.tensors), loss.layer_inputs()))
+        work["layers_run"] += loss.n_layers - 1 - loss.first
+        timing["patched"] += time.perf_counter() - t0
+
     l_base = loss_with(())
+    remember(())
     patcher.set(nonzero)
     # τ on the embeddings changes the input of layer `first` too, so the full tuned model needs its own prefix.
     clock = time.perf_counter()
     l_tuned = DomainLoss(model, examples, first, batch_size)() if embedding_changed else loss()
     timing["patched"] += time.perf_counter() - clock
+    work["evaluations"] += 1
+    work["layers_run"] += loss.n_layers - first
     l_components = loss_with(components)
+    remember(components)
     log(
         f"{vector.name}: {len(components)} components in layers {components[0].layer}-{components[-1].layer}, "
         f"{len(examples)} examples, {loss.tokens} scored tokens; loss base {l_base:.4f}, tuned {l_tuned:.4f}"
@@ -543,6 +585,7 @@ def attribute_vector(
         "curve": curve,
         "patched_models_evaluated": len(cache),
         "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
+        "work": work,
     }
 
 
@@ -624,8 +667,11 @@ def attribute(
     device: torch.device | None = None,
     layers: tuple[int, int] | None = None,
     max_memory: int | None = None,
+    tf32: bool = False,
 ) -> dict[str, Any]:
     """Attribute each vector on its domain's examples; write attribution.json, .png and .md into ``out``.
+
+    ``tf32`` lets CUDA run float32 matrix products on TF32 tensor cores (recorded as ``matmul_precision``).
 
     The cost is estimated (and printed) before the model is loaded; a run whose memory would not fit
     ``max_memory`` (default: what ``device`` reports free) is refused with the options that would make it fit.
@@ -660,6 +706,7 @@ def attribute(
         ModelShape.of(checkpoint),
         [_work(v, ex, arch, ks, len(seeds), batch_size, layers) for v, _, ex in jobs],
         device,
+        tf32=tf32,
     )
     check(estimate, max_memory, _fit_options(device, max_examples, max_tokens, batch_size))
     with meter.stage("load"):
@@ -670,22 +717,29 @@ def attribute(
         "base": str(base.resolve()),
         "data": str(data.resolve()),
         "device": str(device),
+        "matmul_precision": "tf32" if tf32 else "float32",
         "definitions": DEFINITIONS,
         "vectors": {},
     }
-    for vector, domain, examples in jobs:
-        with meter.stage(f"attribute {vector.name}"):
-            entry = attribute_vector(
-                model,
-                vector,
-                examples,
-                ks=ks,
-                seeds=seeds,
-                batch_size=batch_size,
-                architecture=arch,
-                layers=layers,
-            )
-        result["vectors"][vector.name] = {"domain": domain, **entry}
+    precision = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 products on CUDA
+    try:
+        for vector, domain, examples in jobs:
+            with meter.stage(f"attribute {vector.name}"):
+                entry = attribute_vector(
+                    model,
+                    vector,
+                    examples,
+                    ks=ks,
+                    seeds=seeds,
+                    batch_size=batch_size,
+                    architecture=arch,
+                    layers=layers,
+                )
+            result["vectors"][vector.name] = {"domain": domain, **entry}
+    finally:
+        torch.set_float32_matmul_precision(precision)
     result["resources"] = meter.as_dict()
     result["estimate"] = estimate.as_dict()
     out.mkdir(parents=True, exist_ok=True)
@@ -788,6 +842,12 @@ def configure(parser: Any) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=16, help="examples per forward/backward (default 16)"
     )
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA only: float32 matrix products on TF32 tensor cores (inputs rounded to 10 mantissa bits, float32 "
+        "sums): several times faster on Ampere and later GPUs; default exact float32 (docs/scaling.md compares them)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--layers",
@@ -810,6 +870,8 @@ def _run(args: Any) -> int:
         raise TunevecError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
     limit_memory(device, args.max_memory)
+    if args.tf32 and device.type != "cuda":
+        raise TunevecError(f"--tf32 applies to CUDA devices; this run is on {device} (leave --tf32 out)")
     attribute(
         args.vectors,
         args.base,
@@ -824,5 +886,6 @@ def _run(args: Any) -> int:
         device=device,
         layers=args.layers,
         max_memory=args.max_memory,
+        tf32=args.tf32,
     )
     return 0

@@ -10,6 +10,7 @@ Each rate is a kind of work per second (``analysis/estimate.py`` counts the work
   svd_full    flops of exact SVDs (LAPACK / cuSOLVER, 4mn² + 22n³ with vectors, 4mn² − 4n³/3 values only)
   matmul      flops of the other dense products of the weights walk (projections on W's subspaces, τ − BA)
   forward     flops of float32 model passes (2 · parameters · tokens, plus attention and the LM head)
+  forward_tf32  the same with ``tunevec attribute --tf32`` (CUDA only)
   stats       fp64 flops of the probe's per-layer statistics (Gram matrices, eigendecompositions)
 
 ``cpu`` rates were fitted by ``bench/bench_scaling.py`` on random SmolLM2-135M, SmolLM2-360M and Llama-3.2-1B
@@ -35,6 +36,7 @@ RATES: dict[str, dict[str, float]] = {
         "svd_full": 10e9,
         "matmul": 40e9,
         "forward": 60e9,
+        "forward_tf32": 60e9,  # --tf32 is refused on a CPU; the entry keeps the table uniform
         "stats": 10e9,
     },
     "cuda": {
@@ -46,6 +48,7 @@ RATES: dict[str, dict[str, float]] = {
         "svd_full": 0.5e12,
         "matmul": 40e12,
         "forward": 40e12,
+        "forward_tf32": 200e12,
         "stats": 10e12,
     },
 }

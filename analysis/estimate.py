@@ -476,10 +476,20 @@ class AttributionWork:
         and per k the top-k, its two other rankings and one per seed (the cache removes repeats)."""
         return 3 + 2 * self.components + self.ks * (3 + self.seeds)
 
+    @property
+    def suffix_passes(self) -> float:
+        """The evaluations in units of one pass over layers first..: the single-component ones start at their
+        component's layer (half the layers on average), and the two remembered models cost a pass each."""
+        return 3 + self.ks * (3 + self.seeds) + 0.5 * 2 * self.components + 2
 
-def estimate_attribute(shape: ModelShape, jobs: Sequence[AttributionWork], device: torch.device) -> Estimate:
+
+def estimate_attribute(
+    shape: ModelShape, jobs: Sequence[AttributionWork], device: torch.device, *, tf32: bool = False
+) -> Estimate:
     """``tunevec attribute``: the resident float32 base, each vector's changed tensors and a copy of the base's on
-    the device, then patched evaluations of layers first.. and two backward passes per batch."""
+    the device, then patched evaluations of layers first.. and two backward passes per batch (``tf32``: matrix
+    products on TF32 tensor cores)."""
+    forward = "forward_tf32" if tf32 and device.type == "cuda" else "forward"
     host_base = costs.HOST_BASELINE[device.type]
     stages = [Stage("load", {"load": float(shape.bytes)}, 4 * shape.params, host_base + 8 * shape.largest)]
     n_layers = len(shape.layer_params)
@@ -489,8 +499,8 @@ def estimate_attribute(shape: ModelShape, jobs: Sequence[AttributionWork], devic
         prefix = shape.forward_flops(job.tokens, job.max_length, range(job.first_layer), head_tokens=0)
         work = {
             "io": float(job.changed_bytes + job.changed_params * shape.dtype_bytes),
-            "forward": prefix
-            + one * job.evaluations
+            forward: prefix
+            + one * job.suffix_passes
             + 6.0 * one,  # estimates: forward + backward at both ends
         }
         patches = job.changed_params * shape.dtype_bytes + job.changed_bytes
@@ -500,17 +510,36 @@ def estimate_attribute(shape: ModelShape, jobs: Sequence[AttributionWork], devic
             + 3 * 4 * min(job.scored, batch_tokens) * shape.vocab
             + 4 * job.tokens * shape.hidden
         )
+        remembered = 2 * len(suffix) * job.tokens * shape.hidden * 4
         stages.append(
             Stage(
                 f"vector {i + 1}",
                 work,
-                4 * shape.params + patches + acts + 8 * shape.largest_linear,
+                4 * shape.params + patches + acts + remembered + 8 * shape.largest_linear,
                 host_base + 8 * shape.largest,
-                {"model (float32)": 4 * shape.params, "base copy and tau": patches, "activations": acts},
-                details={"prefix_flops": prefix, "evaluation_flops": one, "evaluations": job.evaluations},
+                {
+                    "model (float32)": 4 * shape.params,
+                    "base copy and tau": patches,
+                    "activations": acts,
+                    "remembered layer inputs": remembered,
+                },
+                details={
+                    "prefix_flops": prefix,
+                    "evaluation_flops": one,
+                    "layer_flops": one_layer_mean(shape, job),
+                    "head_flops": 2.0 * shape.hidden * shape.vocab * job.scored,
+                    "evaluations": job.evaluations,
+                },
             )
         )
     return _finish("attribute", device, stages)
+
+
+def one_layer_mean(shape: ModelShape, job: AttributionWork) -> float:
+    """Flops of one decoder layer of the suffix over the job's tokens, averaged over its layers."""
+    layers = range(job.first_layer, len(shape.layer_params))
+    body = shape.forward_flops(job.tokens, job.max_length, layers, head_tokens=0)
+    return body / max(1, len(layers))
 
 
 # ----------------------------------------------------------------------------- the check

@@ -64,6 +64,31 @@ def prefix_states(
     return states
 
 
+@torch.no_grad()
+def advance_states(
+    model: LlamaForCausalLM,
+    states: Sequence[torch.Tensor],
+    examples: Sequence[Example],
+    start: int,
+    stop: int,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """The inputs of decoder layer ``stop`` for each example, from ``states``, the inputs of layer ``start``
+    (layers start..stop-1 run, no final norm): what ``prefix_states(model, examples, stop)`` returns when the
+    layers below ``start`` gave ``states``."""
+    model.eval()
+    out: list[torch.Tensor] = []
+    with _layers(model, slice(start, stop), final_norm=False):
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            batch = suffix_batch(states[i : i + batch_size], chunk)
+            hidden = model.model(
+                inputs_embeds=batch["hidden"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            out.extend(hidden[j, : len(ids)].clone() for j, (ids, _) in enumerate(chunk))
+    return out
+
+
 def suffix_batch(states: Sequence[torch.Tensor], examples: Sequence[Example]) -> Batch:
     """Right-padded prefix states, next-token labels (already shifted) and the attention mask."""
     width = max(len(ids) for ids, _ in examples)

@@ -182,6 +182,7 @@ def build_pair(
         "changed_layers": [first_changed, n_layers],
         "bytes_per_checkpoint": params * 2,
         "seconds": round(time.perf_counter() - t0, 2),
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
 
 

@@ -119,6 +119,7 @@ def measure(shape: str, work: Path) -> dict:
         "peak_rss": rss,
         "timing": vres["timing_seconds"],
         "evaluations": vres["patched_models_evaluated"] + 1,
+        "work": vres["work"],
         "resources": res["resources"],
         "estimate": res["estimate"],
     }
@@ -136,8 +137,15 @@ def parts(r: dict) -> dict[str, tuple[float, float, str]]:
     t = a["timing"]
     at = r["attribute"]
     st = at["estimate"]["stages"]["vector 1"]
-    d = st["details"]
-    evaluated = d["prefix_flops"] + d["evaluation_flops"] * (at["evaluations"] + 6)
+    d, done = st["details"], at["work"]
+    # what ran: the layers of every patched evaluation and remembered model, the head of every evaluation, the
+    # prefix once and the estimates' two forward and backward passes
+    evaluated = (
+        d["prefix_flops"]
+        + d["layer_flops"] * done["layers_run"]
+        + d["head_flops"] * done["evaluations"]
+        + 6.0 * d["evaluation_flops"]
+    )
     out = {
         "extract": (
             r["extract"]["seconds"],
@@ -315,9 +323,18 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", choices=[*SIZES, "tiny"], default=list(SIZES))
     ap.add_argument("--work", type=Path, default=Path("/tmp/tunevec-bench-scaling"))
     ap.add_argument("--json", type=Path, help="write every figure here (default WORK/results.json)")
+    ap.add_argument(
+        "--refit", action="store_true", help="fit and print again from the JSON of an earlier run"
+    )
     args = ap.parse_args()
     import torch
 
+    path = args.json or args.work / "results.json"
+    if args.refit:
+        results = json.loads(path.read_text())["results"]
+        rates, laws = fit(results)
+        print(tables(results, rates, laws, predict_7b(rates)))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     print(
         f"# bench_scaling {time.strftime('%Y-%m-%d %H:%M')}: {platform.processor() or platform.machine()}, "
@@ -330,7 +347,6 @@ def main() -> None:
     pred = predict_7b(rates)
     text = tables(results, rates, laws, pred)
     print(text)
-    path = args.json or args.work / "results.json"
     path.write_text(
         json.dumps({"results": results, "rates": rates, "laws": laws, "predicted_7b": pred}, indent=1)
     )

@@ -3,7 +3,7 @@
 The agreement tests run only where torch sees a CUDA device (skipped with the reason otherwise; CI has none).
 Tolerances, stated once (docs/scaling.md repeats them):
 
-- extract: tau bit for bit (the same float32 subtraction), norms to 1e-6 relative;
+- extract: tau bit for bit (the same float32 subtraction), its norms to 1e-4 relative (float32 sums);
 - analyze, weights: every number of every module to 1e-4 (relative to the number, or absolute below 1);
 - analyze, probe: CKA to 1e-6, principal angles to 0.01°, change dimensions within 1;
 - attribute: losses to 1e-5 relative, estimates to 1e-3 of the largest estimate, recovered shares to 1e-3.
@@ -109,76 +109,95 @@ def _close(a, b, path: str = "", rel: float = 1e-4) -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def _agreement(request, tmp_path: Path, kind: str, other: str = "cuda") -> None:
-    """extract, analyze (weights and probe) and attribute on the CPU and on ``other``, compared."""
-    from tunevec.analysis.attribution import attribute_vector, load_examples
-    from tunevec.analysis.output import to_json
-    from tunevec.analysis.probe import ProbeSettings, load_probe, representation_change
-    from tunevec.analysis.report import build_report
-    from tunevec.analysis.resident import load_model
-    from tunevec.analysis.walk import ReportOptions
-    from tunevec.core.extract import extract
-    from tunevec.core.vector import TuningVector
+KINDS = [pytest.param("tiny", id="tiny_fixtures"), pytest.param("smol", id="smol_fixtures")]
+DEVICES = {"cpu": torch.device("cpu"), "cuda": torch.device("cuda")}
 
-    fx = _fixtures(request, kind)
-    devices = {"cpu": torch.device("cpu"), "other": torch.device(other)}
-    for key, dev in devices.items():
-        extract(fx / "base", fx / "medical", tmp_path / key, name="medical", progress=False, device=dev)
-    a, b = (json.loads((tmp_path / d / "manifest.json").read_text())["tensors"] for d in devices)
+
+@pytest.fixture(scope="module", params=KINDS)
+def extracted(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(fixtures, folder) with the medical vector extracted on the CPU (folder/cpu) and on CUDA (folder/cuda)."""
+    from tunevec.core.extract import extract
+
+    if not CUDA:
+        pytest.skip("no CUDA device visible to torch: CPU/CUDA agreement needs one")
+    fx = _fixtures(request, request.param)
+    out = tmp_path_factory.mktemp(request.param)
+    for key, dev in DEVICES.items():
+        extract(fx / "base", fx / "medical", out / key, name="medical", progress=False, device=dev)
+    return fx, out
+
+
+@needs_cuda
+def test_extract_on_cuda_stores_the_same_tau(extracted):
+    _, out = extracted
+    a, b = (json.loads((out / d / "manifest.json").read_text())["tensors"] for d in DEVICES)
     for name, entry in a.items():
         assert entry["sha256"] == b[name]["sha256"], name  # tau bit for bit
-        assert entry["norm"] == pytest.approx(b[name]["norm"], rel=1e-6)
+        # ‖τ‖ is a float32 sum: CUDA adds in another order (1.3e-5 apart on a 4M-entry tiny tensor)
+        assert entry["norm"] == pytest.approx(b[name]["norm"], rel=1e-4)
 
+
+@needs_cuda
+def test_weights_walk_on_cuda_agrees(extracted):
+    from tunevec.analysis.output import to_json
+    from tunevec.analysis.report import build_report
+    from tunevec.analysis.walk import ReportOptions
+
+    fx, out = extracted
     opts = ReportOptions(progress=False, param_budget=100_000)
     reports = {
-        k: to_json(build_report([tmp_path / "cpu"], fx / "base", options=opts, device=d))
-        for k, d in devices.items()
+        k: to_json(build_report([out / "cpu"], fx / "base", options=opts, device=d))
+        for k, d in DEVICES.items()
     }
-    assert _close(reports["cpu"]["vectors"], reports["other"]["vectors"]) == []
+    assert _close(reports["cpu"]["vectors"], reports["cuda"]["vectors"]) == []
 
+
+@needs_cuda
+def test_probe_on_cuda_agrees(extracted):
+    from tunevec.analysis.probe import ProbeSettings, load_probe, representation_change
+    from tunevec.core.vector import TuningVector
+
+    fx, out = extracted
     texts = load_probe(fx / "probe.jsonl")[:24]
-    settings = ProbeSettings(max_texts=24)
-    vector = TuningVector(tmp_path / "cpu")
+    vector = TuningVector(out / "cpu")
     reps = {
-        k: representation_change(fx / "base", {"medical": vector}, texts, settings, progress=False, device=d)
-        for k, d in devices.items()
+        k: representation_change(
+            fx / "base", {"medical": vector}, texts, ProbeSettings(max_texts=24), progress=False, device=d
+        )
+        for k, d in DEVICES.items()
     }
     rows = zip(
-        reps["cpu"]["vectors"]["medical"]["layers"],
-        reps["other"]["vectors"]["medical"]["layers"],
-        strict=True,
+        reps["cpu"]["vectors"]["medical"]["layers"], reps["cuda"]["vectors"]["medical"]["layers"], strict=True
     )
     for x, y in rows:
-        assert x["cka"] == pytest.approx(y["cka"], abs=1e-6)
-        assert x["mean_angle_deg"] == pytest.approx(y["mean_angle_deg"], abs=0.01)
-        assert abs(x["dims_for_energy"] - y["dims_for_energy"]) <= 1
+        assert x["cka"] == pytest.approx(y["cka"], abs=1e-6), x["layer"]
+        assert x["mean_angle_deg"] == pytest.approx(y["mean_angle_deg"], abs=0.01), x["layer"]
+        assert abs(x["dims_for_energy"] - y["dims_for_energy"]) <= 1, x["layer"]
 
+
+@needs_cuda
+def test_attribution_on_cuda_agrees(extracted):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(fx / "base")
+    from tunevec.analysis.attribution import attribute_vector, load_examples
+    from tunevec.analysis.resident import load_model
+    from tunevec.core.vector import TuningVector
+
+    fx, out = extracted
+    vector = TuningVector(out / "cpu")
     data = fx / "heldout.jsonl" if (fx / "heldout.jsonl").exists() else fx / "probe.jsonl"
-    examples = load_examples(data, tok, "medical", 8, 64)
+    examples = load_examples(data, AutoTokenizer.from_pretrained(fx / "base"), "medical", 8, 64)
     runs = {}
-    for key, dev in devices.items():
+    for key, dev in DEVICES.items():
         model = load_model(fx / "base", dev)
         runs[key] = attribute_vector(model, vector, examples, ks=[1, 2], seeds=(0,), batch_size=4)
         del model
-    x, y = runs["cpu"], runs["other"]
+    x, y = runs["cpu"], runs["cuda"]
     for key in ("base", "tuned", "all_components"):
-        assert x["loss"][key] == pytest.approx(y["loss"][key], rel=1e-5)
+        assert x["loss"][key] == pytest.approx(y["loss"][key], rel=1e-5), key
     scale = max(abs(r["estimate"]["mean"]) for r in x["components"])
     for rx, ry in zip(x["components"], y["components"], strict=True):
-        for kind_ in ("tuned", "base", "mean", "weight"):
-            assert abs(rx["estimate"][kind_] - ry["estimate"][kind_]) <= 1e-3 * scale, (rx["name"], kind_)
+        for kind in ("tuned", "base", "mean", "weight"):
+            assert abs(rx["estimate"][kind] - ry["estimate"][kind]) <= 1e-3 * scale, (rx["name"], kind)
     for cx, cy in zip(x["curve"], y["curve"], strict=True):
-        assert cx["recovered"] == pytest.approx(cy["recovered"], abs=1e-3)
-
-
-@needs_cuda
-def test_cpu_and_cuda_agree_on_the_tiny_fixtures(request, tmp_path):
-    _agreement(request, tmp_path, "tiny")
-
-
-@needs_cuda
-def test_cpu_and_cuda_agree_on_the_smol_fixtures(request, tmp_path):
-    _agreement(request, tmp_path, "smol")
+        assert cx["recovered"] == pytest.approx(cy["recovered"], abs=1e-3), cx["k"]

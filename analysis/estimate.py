@@ -228,9 +228,11 @@ class ModelShape:
         return body + head
 
     def activation_bytes(self, tokens: float, length: float) -> float:
-        """fp32 activations one decoder layer keeps for backward, per batch of ``tokens``: the inputs of its linears,
-        the MLP's hidden (gate, up, product) and the attention weights."""
-        per_token = 6 * self.hidden + 4 * self.intermediate + self.heads * length
+        """fp32 activations one decoder layer keeps for backward, per batch of ``tokens``: the inputs of its linears
+        and norms, q, k, v before and after rotation, the MLP's hidden (gate, up, activation, product) and the
+        attention weights. 12·d + 5·ffn + 2·heads·length floats per token: calibrated on a 7B pair, where it
+        predicted 15.6 GiB beside the weights and 15.3 GiB was measured (docs/scaling.md)."""
+        per_token = 12 * self.hidden + 5 * self.intermediate + 2 * self.heads * length
         return 4.0 * tokens * per_token
 
 
@@ -257,7 +259,8 @@ def extract_cost(shape: ModelShape, tuned_bytes: int, out_itemsize: int, device:
             "extract", {"extract": moved}, buffers, host_base + buffers, {"tensor buffers": buffers}
         )
     else:
-        on_device = t * (8 + out_itemsize + 2 * b_in)
+        # the float32 pair, the rounding check's error (float32), the stored τ and the two tensors in transit
+        on_device = t * (12 + out_itemsize + 2 * b_in)
         host = host_base + t * (3 * b_in + 2 * out_itemsize)
         stage = Stage("extract", {"extract": moved}, on_device, host, {"tensor buffers": on_device})
     return _finish("extract", device, [stage])

@@ -41,12 +41,20 @@ ATTRIBUTE = ["--domain", "bench", "--max-examples", "8", "--max-tokens", "64", "
 ATTRIBUTE += ["--seeds", "2", "--batch-size", "8"]
 
 
+THREADS = {"n": None}  # --threads: torch threads of every command (OMP_NUM_THREADS for extract)
+
+
 def run(args: list[str], log: Path) -> tuple[float, int]:
     """Run ``bench/_cli.py ARGS`` in a fresh process; (wall seconds, peak RSS bytes). Output goes to ``log``."""
     cmd = [sys.executable, str(HERE / "_cli.py"), *args, "--device", "cpu"]
+    env = dict(os.environ)
+    if THREADS["n"]:
+        env["OMP_NUM_THREADS"] = str(THREADS["n"])
+        if args[0] != "extract":
+            cmd += ["--threads", str(THREADS["n"])]
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -177,13 +185,50 @@ def parts(r: dict) -> dict[str, tuple[float, float, str]]:
         "attribute: passes": (
             at["timing"]["prefix"] + at["timing"]["estimates"] + at["timing"]["patched"],
             evaluated,
-            "forward",
+            "forward_tf32" if at.get("precision") == "tf32" else "forward",
         ),
     }
     if "analyze_defaults" in r:
         dt = r["analyze_defaults"]["timing"]
         dw = r["analyze_defaults"]["estimate"]["stages"]["weights"]["work"]
         out["analyze (exact SVDs): SVDs"] = (dt["svd_w"] + dt["spectrum"], dw["svd_full"], "svd_full")
+    return out
+
+
+def device_results(folder: Path) -> list[dict]:
+    """bench/device_check.sh's output folder as results of this script's shape: one per attribution run."""
+    log = (folder / "device_check.log").read_text()
+    pair = json.loads(re.search(r'^(\{"shape".*\})$', log, re.M).group(1))
+    extract_s = float(re.search(r"measured extract: ([0-9.]+) s", log).group(1))
+    rep = json.loads((folder / "report.json").read_text())
+    analyze = {
+        "timing": rep["timing_seconds"],
+        "probe_timing": rep["representation"]["timing_seconds"],
+        "resources": rep["resources"],
+        "estimate": rep["estimate"],
+    }
+    out = []
+    for name in ("attribution", "attribution-tf32"):
+        if not (folder / f"{name}.json").exists():
+            continue
+        att = json.loads((folder / f"{name}.json").read_text())
+        v = next(iter(att["vectors"].values()))
+        work = {"extract": 2.0 * pair["bytes_per_checkpoint"]}
+        out.append(
+            {
+                "shape": f"{pair['shape']} ({att['matmul_precision']})",
+                "params": pair["params"],
+                "extract": {"seconds": extract_s, "estimate": {"stages": {"extract": {"work": work}}}},
+                "analyze": analyze,
+                "attribute": {
+                    "timing": v["timing_seconds"],
+                    "work": v["work"],
+                    "resources": att["resources"],
+                    "estimate": att["estimate"],
+                    "precision": att["matmul_precision"],
+                },
+            }
+        )
     return out
 
 
@@ -326,10 +371,26 @@ def main() -> None:
     ap.add_argument(
         "--refit", action="store_true", help="fit and print again from the JSON of an earlier run"
     )
+    ap.add_argument(
+        "--device-dir", type=Path, help="print the parts and rates of bench/device_check.sh's output"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of every command (default torch's: the cores); 1 on a machine other jobs load, where "
+        "two OpenMP threads per SVD can run 25-60x slower than one (docs/analysis-report.md)",
+    )
     args = ap.parse_args()
+    THREADS["n"] = args.threads
     import torch
 
     path = args.json or args.work / "results.json"
+    if args.device_dir:
+        for r in device_results(args.device_dir):
+            print(f"\n{r['shape']}: part, seconds, work, rate")
+            for name, (sec, work, kind) in parts(r).items():
+                print(f"  {name}: {sec:.2f} s, {work:.3g}, {kind} {work / sec if sec else math.nan:.3g}/s")
+        return
     if args.refit:
         results = json.loads(path.read_text())["results"]
         rates, laws = fit(results)
@@ -338,8 +399,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     print(
         f"# bench_scaling {time.strftime('%Y-%m-%d %H:%M')}: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-        f"{os.getloadavg()[0]:.1f}",
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     results = [measure(shape, args.work) for shape in args.shapes]
@@ -347,9 +408,9 @@ def main() -> None:
     pred = predict_7b(rates)
     text = tables(results, rates, laws, pred)
     print(text)
-    path.write_text(
-        json.dumps({"results": results, "rates": rates, "laws": laws, "predicted_7b": pred}, indent=1)
-    )
+    meta = {"threads": args.threads or torch.get_num_threads(), "load_average_end": os.getloadavg()}
+    payload = {"meta": meta, "results": results, "rates": rates, "laws": laws, "predicted_7b": pred}
+    path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path}; load average now {os.getloadavg()[0]:.1f}")
 
 

@@ -20,7 +20,7 @@ SHAPE=${SHAPE:-llama7b}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/tunevec-device-check}
 DEST=${OUT:-$WORK/out}
-BUDGET=${BUDGET:-500}
+BUDGET=${BUDGET:-490}
 PY=${PYTHON:-python3}
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TEST_DIR=${TEST_DIR:-$HERE/../tests}
@@ -49,8 +49,10 @@ stage() {  # stage NAME COMMAND...: run it, record its wall time and exit status
 
 echo "device check: shape $SHAPE on $DEVICE, work $WORK, output $DEST, budget $BUDGET s, $(date -u +%FT%TZ)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
-'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+"$PY" -P -c "import torch, transformers, tunevec; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if \
+torch.cuda.is_available() else '', 'tunevec from', tunevec.__file__)"
+df -h "$WORK" /dev/shm 2>/dev/null; free -g 2>/dev/null
 
 if [ -f "$TEST_DIR/test_device.py" ]; then
     # -P: the working folder (a checkout with its own tunevec/) must not shadow the installed package

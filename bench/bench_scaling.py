@@ -42,6 +42,7 @@ ATTRIBUTE += ["--seeds", "2", "--batch-size", "8"]
 
 
 THREADS = {"n": None}  # --threads: torch threads of every command (OMP_NUM_THREADS for extract)
+LOADS: list[tuple[str, float]] = []  # (command, 1-minute load average when it started)
 
 
 def run(args: list[str], log: Path) -> tuple[float, int]:
@@ -52,6 +53,7 @@ def run(args: list[str], log: Path) -> tuple[float, int]:
         env["OMP_NUM_THREADS"] = str(THREADS["n"])
         if args[0] != "extract":
             cmd += ["--threads", str(THREADS["n"])]
+    LOADS.append((args[0], os.getloadavg()[0]))
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -408,7 +410,11 @@ def main() -> None:
     pred = predict_7b(rates)
     text = tables(results, rates, laws, pred)
     print(text)
-    meta = {"threads": args.threads or torch.get_num_threads(), "load_average_end": os.getloadavg()}
+    meta = {
+        "threads": args.threads or torch.get_num_threads(),
+        "load_at_start": LOADS,
+        "load_end": os.getloadavg(),
+    }
     payload = {"meta": meta, "results": results, "rates": rates, "laws": laws, "predicted_7b": pred}
     path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path}; load average now {os.getloadavg()[0]:.1f}")

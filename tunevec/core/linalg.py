@@ -32,9 +32,20 @@ def _check_method(method: str) -> None:
         raise TunevecError(f"method must be one of {METHODS}, got {method!r}")
 
 
+_NORM_CHUNK = 1 << 22  # entries per fp64 chunk of sq_norm: 32 MiB of float64, whatever the tensor's size
+
+
 def sq_norm(m: torch.Tensor) -> float:
-    """‖m‖_F², accumulated in fp64 so that shares of it are exact to fp32 rounding of the entries."""
-    return float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2)
+    """‖m‖_F², accumulated in fp64 so that shares of it are exact to fp32 rounding of the entries.
+
+    In chunks: a float64 copy of a whole embedding (131M entries at 7B) would cost 1 GiB for one number."""
+    flat = m.reshape(-1)
+    if flat.numel() <= _NORM_CHUNK:
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _NORM_CHUNK):
+        total += torch.linalg.vector_norm(flat[start : start + _NORM_CHUNK], dtype=torch.float64) ** 2
+    return float(total)
 
 
 def randomized_svd(

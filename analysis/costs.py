@@ -14,30 +14,30 @@ Each rate is a kind of work per second (``analysis/estimate.py`` counts the work
   stats       fp64 flops of the probe's per-layer statistics (Gram matrices, eigendecompositions)
 
 ``cpu`` rates were fitted by ``bench/bench_scaling.py`` on random SmolLM2-135M, SmolLM2-360M and Llama-3.2-1B
-shaped pairs (docs/scaling.md), for ``CPU_THREADS`` threads; on another CPU the compute rates are scaled by its
-thread count (a rough rule: matrix work scales with cores, reading does not). ``cuda`` rates come from
+shaped pairs (docs/scaling.md) with ``CPU_THREADS`` torch thread; a process with more threads gets its compute
+rates scaled by its thread count (a rough rule: matrix work scales with cores, reading does not). ``cuda`` rates come from
 ``bench/device_check.sh`` on one H200 (a 7B-shaped pair). An estimate is a guide to within a factor of about two,
 not a promise; docs/scaling.md compares estimates with measured runs.
 """
 
 from __future__ import annotations
 
-CPU_THREADS = 2
-CPU_MEASURED = "2026-12-04, 2-core AMD EPYC (AVX512-BF16), shared with two vLLM servers"
+CPU_THREADS = 1
+CPU_MEASURED = "2026-12-04, 2-core AMD EPYC (AVX512-BF16), one thread, shared with other jobs (load 2-5)"
 CUDA_MEASURED = "2026-12-04, one NVIDIA H200 (torch 2.11, transformers 5.17)"
 
 RATES: dict[str, dict[str, float]] = {
-    "cpu": {
-        "io": 1.0e9,
-        "extract": 0.3e9,
-        "hash": 0.6e9,
-        "load": 0.5e9,
-        "svd": 40e9,
-        "svd_full": 10e9,
-        "matmul": 40e9,
-        "forward": 60e9,
-        "forward_tf32": 60e9,  # --tf32 is refused on a CPU; the entry keeps the table uniform
-        "stats": 10e9,
+    "cpu": {  # bench/bench_scaling.py --threads 1, 2026-12-04 (docs/scaling.md): 1 / slope of seconds vs work
+        "io": 1.06e9,
+        "extract": 0.31e9,
+        "hash": 0.94e9,
+        "load": 1.6e9,
+        "svd": 83e9,
+        "svd_full": 49e9,
+        "matmul": 31e9,
+        "forward": 96e9,
+        "forward_tf32": 96e9,  # --tf32 is refused on a CPU; the entry keeps the table uniform
+        "stats": 41e9,
     },
     "cuda": {  # the llama7b run of bench/device_check.sh (docs/scaling.md); svd_full was not measured there
         "io": 9.0e9,
@@ -55,7 +55,7 @@ RATES: dict[str, dict[str, float]] = {
 # Kinds of work that do not speed up with more CPU threads.
 IO_KINDS = ("io", "extract", "hash", "load")
 
-# Resident memory of a process that has imported torch and transformers and loaded a model and its tokenizer
-# (measured: 0.36 GiB anonymous after the imports, about 0.4 GiB more once a model is loaded), and on CUDA the
-# driver's context too.
-HOST_BASELINE = {"cpu": 1024 * 2**20, "cuda": 1536 * 2**20}
+# Anonymous memory of the process itself, beside the tensors a stage holds: torch and transformers imported and a
+# tokenizer loaded (0.36 GiB measured after the imports; with rounding up for what loading a model adds), and on
+# CUDA the host side of the driver's context.
+HOST_BASELINE = {"cpu": 512 * 2**20, "cuda": 1536 * 2**20}

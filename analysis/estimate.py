@@ -71,7 +71,8 @@ class Estimate:
                 else f" on the GPU, {format_size(self.host_bytes)} on the host"
             )
         )
-        out = [head]
+        measured = costs.CUDA_MEASURED if self.device.type == "cuda" else costs.CPU_MEASURED
+        out = [head, f"  (throughputs measured {measured}; a guide to within about 2x, docs/scaling.md)"]
         for s in self.stages:
             parts = ", ".join(f"{k} {format_size(v)}" for k, v in s.parts.items() if v >= 2**20)
             out.append(
@@ -121,8 +122,8 @@ def _finish(command: str, device: torch.device, stages: list[Stage]) -> Estimate
     r = rates(device)
     for s in stages:
         s.seconds = sum(amount / r[kind] for kind, amount in s.work.items())
-        if device.type == "cpu":
-            s.host_bytes = s.device_bytes = max(s.host_bytes, s.device_bytes)
+        if device.type == "cpu":  # the tensors share the host's memory with the process itself
+            s.host_bytes = s.device_bytes = costs.HOST_BASELINE["cpu"] + s.device_bytes
     return Estimate(command, device, stages)
 
 
@@ -230,9 +231,9 @@ class ModelShape:
     def activation_bytes(self, tokens: float, length: float) -> float:
         """fp32 activations one decoder layer keeps for backward, per batch of ``tokens``: the inputs of its linears
         and norms, q, k, v before and after rotation, the MLP's hidden (gate, up, activation, product) and the
-        attention weights. 12·d + 5·ffn + 2·heads·length floats per token: calibrated on a 7B pair, where it
-        predicted 15.6 GiB beside the weights and 15.3 GiB was measured (docs/scaling.md)."""
-        per_token = 12 * self.hidden + 5 * self.intermediate + 2 * self.heads * length
+        attention weights. 12·d + 6·ffn + 2·heads·length floats per token: calibrated on a 7B pair, where the
+        attribution's peak was 67.5 GiB measured and 68 GiB estimated (docs/scaling.md)."""
+        per_token = 12 * self.hidden + 6 * self.intermediate + 2 * self.heads * length
         return 4.0 * tokens * per_token
 
 
@@ -518,7 +519,8 @@ def estimate_attribute(
             Stage(
                 f"vector {i + 1}",
                 work,
-                4 * shape.params + patches + acts + remembered + 8 * shape.largest_linear,
+                # + the weight hook's float32 temporaries of one tensor (gradient, delta, product)
+                4 * shape.params + patches + acts + remembered + 12 * shape.largest_linear,
                 host_base + 8 * shape.largest,
                 {
                     "model (float32)": 4 * shape.params,

@@ -234,17 +234,30 @@ def device_results(folder: Path) -> list[dict]:
     return out
 
 
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares seconds = a + b · work over (work, seconds) points; (a, b)."""
+    n = len(points)
+    mx = sum(w for w, _ in points) / n
+    my = sum(s for _, s in points) / n
+    sxx = sum((w - mx) ** 2 for w, _ in points)
+    b = sum((w - mx) * (s - my) for w, s in points) / sxx if sxx > 0 else math.nan
+    return my - b * mx, b
+
+
 def fit(results: list[dict]) -> tuple[dict[str, float], dict[str, dict]]:
-    """Throughput per kind (Σ work / Σ seconds over every part and size) and, per part, the power law
-    seconds ∝ params^b over the sizes."""
-    totals: dict[str, list[float]] = {}
+    """Throughput per kind and, per part, the power law seconds ∝ params^b over the sizes.
+
+    A kind's throughput is 1 / slope of seconds = a + work / rate over every part of that kind at every size (the
+    intercept a is the fixed cost of a part: opening files, Python, small-matrix overheads, which would otherwise
+    lower the rate the small models give); with fewer than three points, or a slope that is not positive, it is
+    Σ work / Σ seconds."""
+    points: dict[str, list[tuple[float, float]]] = {}
     laws: dict[str, dict] = {}
     per_part: dict[str, list[tuple[float, float, float]]] = {}
     for r in results:
         for name, (sec, work, kind) in parts(r).items():
-            acc = totals.setdefault(kind, [0.0, 0.0])
-            acc[0] += work
-            acc[1] += sec
+            if work > 0 and sec > 0:
+                points.setdefault(kind, []).append((work, sec))
             per_part.setdefault(name, []).append((r["params"], sec, work / sec if sec > 0 else math.nan))
     for name, pts in per_part.items():
         laws[name] = {"points": pts}
@@ -254,7 +267,12 @@ def fit(results: list[dict]) -> tuple[dict[str, float], dict[str, dict]]:
             mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
             b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
             laws[name]["exponent"] = b
-    return {k: w / s for k, (w, s) in totals.items() if s > 0 and w > 0}, laws
+    rates = {}
+    for kind, pts in points.items():
+        slope = _line(pts)[1] if len(pts) >= 3 else math.nan
+        pooled = sum(w for w, _ in pts) / sum(s for _, s in pts)
+        rates[kind] = 1.0 / slope if slope > 0 else pooled
+    return rates, laws
 
 
 def predict_7b(cpu_rates: dict[str, float]) -> dict:
@@ -295,20 +313,29 @@ def predict_7b(cpu_rates: dict[str, float]) -> dict:
         first_layer=0, components=64, changed_params=changed, changed_bytes=2 * changed, examples=48,
         tokens=48 * 64, max_length=64, scored=48 * 63, ks=7, seeds=5, batch_size=16,
     )  # fmt: skip
-    saved = dict(costs.RATES["cpu"])
+    saved = dict(costs.RATES["cpu"]), costs.CPU_THREADS, torch.get_num_threads()
     costs.RATES["cpu"].update(cpu_rates)
+    costs.CPU_THREADS = THREADS["n"] or saved[2]  # the rates are those of the threads the benchmark ran with
     out = {}
     try:
-        for kind in ("cpu", "cuda"):
+        for kind, threads in (("cpu", 1), ("cpu", os.cpu_count()), ("cuda", None)):
             dev = torch.device(kind)
-            out[kind] = {
+            if threads:
+                torch.set_num_threads(threads)
+            label = f"cpu, {threads} thread{'s' if threads > 1 else ''}" if threads else "cuda (H200 rates)"
+            out[label] = {
                 "extract": extract_cost(model, model.bytes, 2, dev).as_dict(),
                 "analyze": analyze_cost(inputs, ReportOptions(), probe, dev).as_dict(),
                 "attribute": estimate_attribute(model, [job], dev).as_dict(),
+                "attribute --tf32": estimate_attribute(model, [job], dev, tf32=True).as_dict(),
             }
+            if kind == "cpu":
+                del out[label]["attribute --tf32"]
     finally:
         costs.RATES["cpu"].clear()
-        costs.RATES["cpu"].update(saved)
+        costs.RATES["cpu"].update(saved[0])
+        costs.CPU_THREADS = saved[1]
+        torch.set_num_threads(saved[2])
     return out
 
 
@@ -341,14 +368,16 @@ def tables(results: list[dict], rates: dict, laws: dict, pred: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {rates_} | {exp} |")
     lines += ["", "### Fitted throughputs (per second)", ""]
     lines += [f"- {k}: {v:.3g}" for k, v in sorted(rates.items())]
-    lines += ["", "### Memory: estimate vs measured peak RSS (GiB)", ""]
-    lines.append("| shape | extract est / meas | analyze est / meas | attribute est / meas |")
+    lines += ["", "### Memory: estimate / measured anonymous peak / measured VmHWM (GiB)", ""]
+    lines.append("| shape | extract | analyze | attribute |")
     lines.append("|---|---:|---:|---:|")
     for r in results:
         cells = []
         for key in ("extract", "analyze", "attribute"):
             e = r[key]["estimate"]["host_bytes"]
-            cells.append(f"{gib(e)} / {gib(r[key]['peak_rss'])}")
+            stages = r[key].get("resources", {}).get("stages", {})
+            anon = max((s.get("peak_anon_bytes") or 0 for s in stages.values()), default=0)
+            cells.append(f"{gib(e)} / {gib(anon) if anon else '-'} / {gib(r[key]['peak_rss'])}")
         lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
     lines += ["", "### Predicted Llama-2-7B pair", ""]
     lines.append("| device | command | stage | time | peak memory |")

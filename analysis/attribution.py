@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ from typing import Any
 
 import torch
 
-from tunevec.analysis.suffix import IGNORE, Example, prefix_states, suffix_batch, suffix_loss
+from tunevec.analysis.options import add_device_arguments, parse_layers
+from tunevec.analysis.suffix import IGNORE, Example, advance_states, prefix_states, suffix_batch, suffix_loss
 from tunevec.core.errors import TunevecError
 from tunevec.core.roles import classify
 
@@ -79,19 +81,46 @@ def _common_module(names: Sequence[str]) -> str:
     return ".".join(common)
 
 
-def components_of(vector: Any, architecture: str | None = None) -> list[Component]:
-    """The attention and MLP blocks in which τ is not zero, in layer order (from the manifest; no tensor read)."""
+def in_range(layer: int | None, layers: tuple[int, int] | None) -> bool:
+    """Whether decoder layer ``layer`` is inside ``layers`` = (start, end); tensors outside any layer are not."""
+    return layers is None or (layer is not None and layers[0] <= layer < layers[1])
+
+
+def changed_tensors(
+    vector: Any, architecture: str | None = None, layers: tuple[int, int] | None = None
+) -> list[str]:
+    """The vector's tensors with τ ≠ 0 (inside ``layers`` when given): what "tuned" means for attribution."""
+    return [
+        n
+        for n, e in vector.manifest.tensors.items()
+        if e.norm > 0 and in_range(classify(n, architecture).layer, layers)
+    ]
+
+
+def components_of(
+    vector: Any, architecture: str | None = None, layers: tuple[int, int] | None = None
+) -> list[Component]:
+    """The attention and MLP blocks in which τ is not zero (inside ``layers`` = (start, end) when given), in
+    layer order (from the manifest; no tensor read)."""
     groups: dict[tuple[int, str], list[str]] = {}
     norms: dict[tuple[int, str], float] = {}
     for name, entry in vector.manifest.tensors.items():
         role = classify(name, architecture)
-        if role.role not in BLOCKS or role.layer is None or entry.norm == 0:
+        if (
+            role.role not in BLOCKS
+            or role.layer is None
+            or entry.norm == 0
+            or not in_range(role.layer, layers)
+        ):
             continue
         key = (role.layer, role.role)
         groups.setdefault(key, []).append(name)
         norms[key] = norms.get(key, 0.0) + entry.norm**2
     if not groups:
-        raise TunevecError(f"vector {vector.name!r} ({vector.path}) changes no attention or MLP weight")
+        where = "" if layers is None else f" in layers {layers[0]}..{layers[1] - 1}"
+        raise TunevecError(
+            f"vector {vector.name!r} ({vector.path}) changes no attention or MLP weight{where}"
+        )
     out = []
     for (layer, block), names in sorted(groups.items()):
         names = sorted(names)
@@ -195,32 +224,64 @@ def default_data(base: Path) -> Path:
 
 
 class WeightPatcher:
-    """The model's weights set to base + τ on any subset of the vector's tensors (exact, in place)."""
+    """The model's weights set to base + τ on any subset of the vector's tensors (exact, in place).
+
+    Kept on the model's device beside it: each changed tensor's base value, in the narrowest dtype that holds it
+    exactly (bf16 for a bf16 checkpoint loaded as float32), and τ as the vector stores it. A patched weight is
+    computed when it is switched on, base + τ in float32 rounded to the parameter's dtype, so memory is
+    (b_base + b_τ) per changed entry beside the model, not two float32 copies.
+    """
 
     def __init__(self, model: torch.nn.Module, vector: Any, names: Iterable[str]):
         params = dict(model.named_parameters())
         self.params: dict[str, torch.nn.Parameter] = {}
+        self.base: dict[str, torch.Tensor] = {}
+        self.tau: dict[str, torch.Tensor] = {}
         for name in names:
             if name not in params:
                 raise TunevecError(f"vector tensor {name!r} is not a parameter of the model")
-            self.params[name] = params[name]
-        self.base = {n: p.detach().clone() for n, p in self.params.items()}
-        self.patched = {
-            n: (self.base[n].float() + vector.read(n).float()).to(p.dtype) for n, p in self.params.items()
-        }
+            p = self.params[name] = params[name]
+            self.base[name] = _lossless_copy(p.detach())
+            self.tau[name] = vector.read(name).to(p.device)
+        self._on: set[str] = set()  # the tensors currently patched (the model holds the base on entry)
+
+    def patched(self, name: str) -> torch.Tensor:
+        """base + τ for one tensor, in the parameter's dtype (computed, not stored)."""
+        p = self.params[name]
+        return (self.base[name].float() + self.tau[name].float()).to(p.dtype)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """What patching changes in the parameter: patched − base, in float32."""
+        return self.patched(name).float() - self.base[name].float()
 
     @torch.no_grad()
     def set(self, names: Iterable[str]) -> None:
-        on = set(names)
-        for n, p in self.params.items():
-            p.copy_(self.patched[n] if n in on else self.base[n])
+        on = set(names) & self.params.keys()
+        for n in self._on ^ on:  # only the tensors whose state changes
+            p = self.params[n]
+            p.copy_(self.patched(n) if n in on else self.base[n])
+        self._on = on
+
+
+def _lossless_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in bfloat16 or float16 when that holds every value exactly, else in t's own dtype."""
+    for narrow in (torch.bfloat16, torch.float16):
+        if t.dtype.itemsize > narrow.itemsize:
+            cand = t.to(narrow)
+            if torch.equal(cand.to(t.dtype), t):
+                return cand
+    return t.clone()
 
 
 # ----------------------------------------------------------------------------- losses and the estimate
 
 
 class DomainLoss:
-    """L over fixed examples, running only layers ``first..`` from cached inputs of layer ``first``."""
+    """L over fixed examples, running only layers ``first..`` from cached inputs of layer ``first``.
+
+    ``loss(start, states)`` runs layers ``start..`` from given inputs of layer ``start`` instead: exact for any
+    weights that equal, below ``start``, those the inputs were computed with (``layer_inputs``).
+    """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[Example], first: int, batch_size: int):
         self.model, self.first = model, first
@@ -228,16 +289,28 @@ class DomainLoss:
         self.batch_size = batch_size
         self.tokens = sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in self.examples)
         self.states = prefix_states(model, self.examples, first, batch_size)
+        self.n_layers = len(model.model.layers)
 
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, states: Sequence[torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        states = self.states if states is None else states
         for i in range(0, len(self.examples), self.batch_size):
-            yield suffix_batch(self.states[i : i + self.batch_size], self.examples[i : i + self.batch_size])
+            yield suffix_batch(states[i : i + self.batch_size], self.examples[i : i + self.batch_size])
 
     @torch.no_grad()
-    def __call__(self) -> float:
+    def __call__(self, start: int | None = None, states: Sequence[torch.Tensor] | None = None) -> float:
         self.model.eval()
-        total = sum(suffix_loss(self.model, self.first, b, reduction="sum").item() for b in self.batches())
+        start = self.first if start is None else start
+        total = sum(suffix_loss(self.model, start, b, reduction="sum").item() for b in self.batches(states))
         return total / self.tokens
+
+    def layer_inputs(self) -> dict[int, list[torch.Tensor]]:
+        """The inputs of every decoder layer first..L-1 under the model's current weights (one pass)."""
+        out = {self.first: self.states}
+        for layer in range(self.first + 1, self.n_layers):
+            out[layer] = advance_states(
+                self.model, out[layer - 1], self.examples, layer - 1, layer, self.batch_size
+            )
+        return out
 
     def backward(self, batch: dict[str, torch.Tensor], components: Sequence[Component]) -> dict[str, tuple]:
         """Backpropagate this batch's share of L; returns each component's (output, ∂L/∂output).
@@ -281,6 +354,9 @@ def linear_estimates(
     ``tuned``/``base``: Σ (a^base − a^tuned)·∂L/∂a at the tuned model / at the base; ``mean``: their mean;
     ``weight``: −½ (∇L(base) + ∇L(tuned)) · τ_c, the same trapezoid in weight space (what patching τ into the
     component's weights changes, to second order, without counting upstream changes again).
+
+    Each parameter gradient is reduced to its product with τ as soon as backward has accumulated it, and then
+    freed, so no gradient of the whole model is ever held (a float32 copy of every changed weight at 7B).
     """
     names = {c.name: c for c in components}
     params = {n: patcher.params[n] for c in components for n in c.tensors}
@@ -290,41 +366,41 @@ def linear_estimates(
     for p in params.values():
         p.requires_grad_(True)
     act = {c: {"tuned": 0.0, "base": 0.0} for c in names}
-    weight_grad = {n: torch.zeros_like(p) for n, p in params.items()}
+    weight_dot = dict.fromkeys(params, 0.0)
+
+    def reduce(name: str):
+        def hook(p: torch.Tensor) -> None:
+            weight_dot[name] += float((p.grad.float() * patcher.delta(name)).sum(dtype=torch.float64))
+            p.grad = None
+
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(reduce(n)) for n, p in params.items()]
     try:
         for batch in loss.batches():
             patcher.set(())
             at_base = loss.backward(batch, components)
             patcher.set(tuned_names)
-            for n, p in params.items():  # the base pass's parameter gradients
-                if p.grad is not None:
-                    weight_grad[n] += p.grad
-                p.grad = None
             at_tuned = loss.backward(batch, components)
-            for n, p in params.items():
-                if p.grad is not None:
-                    weight_grad[n] += p.grad
-                p.grad = None
             for c in names:
                 (a_b, g_b), (a_t, g_t) = at_base[c], at_tuned[c]
                 act[c]["base"] += float(((a_b - a_t) * g_b).sum())
                 act[c]["tuned"] += float(((a_b - a_t) * g_t).sum())
     finally:
+        for h in handles:
+            h.remove()
         patcher.set(())
         for p, flag in trainable.items():
             p.requires_grad_(flag)
             p.grad = None
     out = {}
     for name, c in names.items():
-        w = -0.5 * sum(
-            float((weight_grad[n] * (patcher.patched[n] - patcher.base[n])).sum()) for n in c.tensors
-        )
         a = act[name]
         out[name] = {
             "tuned": a["tuned"],
             "base": a["base"],
             "mean": 0.5 * (a["tuned"] + a["base"]),
-            "weight": w,
+            "weight": -0.5 * sum(weight_dot[n] for n in c.tensors),
         }
     return out
 
@@ -357,40 +433,79 @@ def attribute_vector(
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     batch_size: int = 16,
     architecture: str | None = None,
+    layers: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Estimates, single-component patches, the top-k and random-k curves and their specs, for one vector.
 
-    ``model`` holds the base weights on entry and on return.
+    ``model`` holds the base weights on entry and on return; everything runs on its device. ``layers`` = (start,
+    end) restricts the vector to decoder layers start..end-1: the tuned model is then base + τ on those layers.
     """
-    components = components_of(vector, architecture)
+    components = components_of(vector, architecture, layers)
     by_name = {c.name: c for c in components}
-    nonzero = [n for n, e in vector.manifest.tensors.items() if e.norm > 0]
+    nonzero = changed_tensors(vector, architecture, layers)
     roles = {n: classify(n, architecture) for n in nonzero}
     first = min(r.layer for r in roles.values() if r.layer is not None)
     embedding_changed = any(r.role == "embedding" for r in roles.values())
     all_components = [t for c in components for t in c.tensors]
+    timing = dict.fromkeys(("setup", "prefix", "estimates", "patched"), 0.0)
+    clock = time.perf_counter()
     patcher = WeightPatcher(model, vector, nonzero)
     patcher.set(())
+    timing["setup"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     loss = DomainLoss(model, examples, first, batch_size)
+    timing["prefix"] = time.perf_counter() - clock
     cache: dict[frozenset[str], float] = {}
+    # Two patched models are remembered layer by layer, the base and base + τ on every component: a patch set
+    # that equals one of them below layer ℓ starts from that model's inputs of ℓ, not from layer `first`. Single
+    # components (alone, or left out of all) then run only their own layer and those above: half the work.
+    layer_of = {t: classify(t, architecture).layer for c in components for t in c.tensors}
+    references: list[tuple[frozenset[str], dict[int, list[torch.Tensor]]]] = []
+    work = {"evaluations": 0, "layers_run": 0, "n_layers": loss.n_layers}
 
     def loss_with(chosen: Iterable[Component]) -> float:
         key = frozenset(c.name for c in chosen)
         if key not in cache:
-            patcher.set(t for name in key for t in by_name[name].tensors)
-            cache[key] = loss()
+            t0 = time.perf_counter()
+            on = frozenset(t for name in key for t in by_name[name].tensors)
+            start, states = loss.first, None
+            for ref_on, inputs in references:
+                diff = on ^ ref_on
+                lowest = min(layer_of[t] for t in diff) if diff else None
+                if lowest is not None and lowest > start:
+                    start, states = lowest, inputs[lowest]
+            patcher.set(on)
+            cache[key] = loss(start, states)  # .item() inside: the device's work is done when it returns
+            work["evaluations"] += 1
+            work["layers_run"] += loss.n_layers - start
+            timing["patched"] += time.perf_counter() - t0
         return cache[key]
 
+    def remember(chosen: Sequence[Component]) -> None:
+        t0 = time.perf_counter()
+        patcher.set(t for c in chosen for t in c.tensors)
+        references.append((frozenset(t for c in chosen for t in c.tensors), loss.layer_inputs()))
+        work["layers_run"] += loss.n_layers - 1 - loss.first
+        timing["patched"] += time.perf_counter() - t0
+
     l_base = loss_with(())
+    remember(())
     patcher.set(nonzero)
     # τ on the embeddings changes the input of layer `first` too, so the full tuned model needs its own prefix.
+    clock = time.perf_counter()
     l_tuned = DomainLoss(model, examples, first, batch_size)() if embedding_changed else loss()
+    timing["patched"] += time.perf_counter() - clock
+    work["evaluations"] += 1
+    work["layers_run"] += loss.n_layers - first
     l_components = loss_with(components)
+    remember(components)
     log(
         f"{vector.name}: {len(components)} components in layers {components[0].layer}-{components[-1].layer}, "
         f"{len(examples)} examples, {loss.tokens} scored tokens; loss base {l_base:.4f}, tuned {l_tuned:.4f}"
     )
+    clock = time.perf_counter()
     estimates = linear_estimates(loss, patcher, components, all_components)
+    timing["estimates"] = time.perf_counter() - clock
     gain = l_base - l_tuned
 
     rows = []
@@ -469,6 +584,8 @@ def attribute_vector(
         "seeds": list(seeds),
         "curve": curve,
         "patched_models_evaluated": len(cache),
+        "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
+        "work": work,
     }
 
 
@@ -547,14 +664,29 @@ def attribute(
     ks: Sequence[int] | None = None,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     batch_size: int = 16,
+    device: torch.device | None = None,
+    layers: tuple[int, int] | None = None,
+    max_memory: int | None = None,
+    tf32: bool = False,
 ) -> dict[str, Any]:
-    """Attribute each vector on its domain's examples; write attribution.json, .png and .md into ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Attribute each vector on its domain's examples; write attribution.json, .png and .md into ``out``.
 
+    ``tf32`` lets CUDA run float32 matrix products on TF32 tensor cores (recorded as ``matmul_precision``).
+
+    The cost is estimated (and printed) before the model is loaded; a run whose memory would not fit
+    ``max_memory`` (default: what ``device`` reports free) is refused with the options that would make it fit.
+    """
+    from transformers import AutoTokenizer
+
+    from tunevec.analysis.estimate import ModelShape, check, estimate_attribute
+    from tunevec.analysis.meter import Meter
     from tunevec.analysis.plots import plot_attribution
+    from tunevec.analysis.resident import load_model
     from tunevec.core.checkpoint import Checkpoint
     from tunevec.core.vector import TuningVector
 
+    device = device if device is not None else torch.device("cpu")
+    meter = Meter(device)
     base = Path(base)
     checkpoint = Checkpoint(base)
     data = Path(data) if data is not None else default_data(base)
@@ -565,33 +697,108 @@ def attribute(
     if len(domains) != len(loaded):
         raise TunevecError(f"give one --domain per vector ({len(loaded)}), or none (each vector's name)")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    jobs = []
+    for vector, domain in zip(loaded, domains, strict=True):
+        examples = load_examples(data, tokenizer, domain, max_examples, max_tokens)
+        jobs.append((vector, domain, examples))
+    arch = checkpoint.architecture
+    estimate = estimate_attribute(
+        ModelShape.of(checkpoint),
+        [_work(v, ex, arch, ks, len(seeds), batch_size, layers) for v, _, ex in jobs],
+        device,
+        tf32=tf32,
+    )
+    check(estimate, max_memory, _fit_options(device, max_examples, max_tokens, batch_size))
+    with meter.stage("load"):
+        model = load_model(base, device)
     result: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "base": str(base.resolve()),
         "data": str(data.resolve()),
+        "device": str(device),
+        "matmul_precision": "tf32" if tf32 else "float32",
         "definitions": DEFINITIONS,
         "vectors": {},
     }
-    for vector, domain in zip(loaded, domains, strict=True):
-        examples = load_examples(data, tokenizer, domain, max_examples, max_tokens)
-        entry = attribute_vector(
-            model,
-            vector,
-            examples,
-            ks=ks,
-            seeds=seeds,
-            batch_size=batch_size,
-            architecture=checkpoint.architecture,
-        )
-        result["vectors"][vector.name] = {"domain": domain, **entry}
+    precision = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 products on CUDA
+    try:
+        for vector, domain, examples in jobs:
+            with meter.stage(f"attribute {vector.name}"):
+                entry = attribute_vector(
+                    model,
+                    vector,
+                    examples,
+                    ks=ks,
+                    seeds=seeds,
+                    batch_size=batch_size,
+                    architecture=arch,
+                    layers=layers,
+                )
+            result["vectors"][vector.name] = {"domain": domain, **entry}
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    result["resources"] = meter.as_dict()
+    result["estimate"] = estimate.as_dict()
     out.mkdir(parents=True, exist_ok=True)
     (out / "attribution.json").write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n")
     (out / "attribution.md").write_text(markdown(result), encoding="utf-8")
     plot_attribution(result, out / "attribution.png")
     log(f"wrote {out / 'attribution.json'}, attribution.md and attribution.png")
+    for line in meter.lines("measured "):
+        log(line)
     return result
+
+
+def _work(
+    vector: Any,
+    examples: Sequence[Example],
+    architecture: str,
+    ks: Sequence[int] | None,
+    seeds: int,
+    batch_size: int,
+    layers: tuple[int, int] | None,
+) -> Any:
+    """One vector's size for the cost estimate (``analysis/estimate.py:AttributionWork``)."""
+    from tunevec.analysis.estimate import AttributionWork
+    from tunevec.core.vector import DTYPES
+
+    components = components_of(vector, architecture, layers)
+    changed = changed_tensors(vector, architecture, layers)
+    n = len(components)
+    n_params = sum(math.prod(vector.manifest.tensors[t].shape) for t in changed)
+    chosen = sorted({k for k in (ks or default_ks(n)) if 1 <= k <= n})
+    first = min(r for r in (classify(t, architecture).layer for t in changed) if r is not None)
+    return AttributionWork(
+        first_layer=first,
+        components=n,
+        changed_params=n_params,
+        changed_bytes=n_params * DTYPES[vector.manifest.dtype].itemsize,
+        examples=len(examples),
+        tokens=sum(len(ids) for ids, _ in examples),
+        max_length=max(len(ids) for ids, _ in examples),
+        scored=sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in examples),
+        ks=len(chosen),
+        seeds=seeds,
+        batch_size=batch_size,
+    )
+
+
+def _fit_options(device: torch.device, max_examples: int, max_tokens: int, batch_size: int) -> list[str]:
+    """What would make an attribution run fit, for the refusal message (each a real option of the command)."""
+    out = []
+    if device.type == "cpu":
+        out.append("a GPU (--device cuda)")
+    out += [
+        f"fewer or shorter examples per batch (--batch-size, now {batch_size}; --max-tokens, now {max_tokens}): "
+        "activations kept for backward shrink with them",
+        "fewer layers (--layers START:END: the vector restricted to them, and only their tensors kept beside "
+        "the model)",
+        "--max-memory SIZE if more memory is available than reported",
+    ]
+    return out
 
 
 def _clean(obj: Any) -> Any:
@@ -632,15 +839,39 @@ def configure(parser: Any) -> None:
         "--k", type=int, action="append", help="k values for the curve (default: 1..n up to 16)"
     )
     parser.add_argument("--seeds", type=int, default=5, help="random-k draws per k (default 5)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="examples per forward/backward (default 16)"
+    )
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA only: float32 matrix products on TF32 tensor cores (inputs rounded to 10 mantissa bits, float32 "
+        "sums): several times faster on Ampere and later GPUs; default exact float32 (docs/scaling.md compares them)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--layers",
+        type=parse_layers,
+        metavar="START:END",
+        help="only decoder layers START..END-1: components there, and the tuned model is base + tau on them",
+    )
+    add_device_arguments(parser)
     parser.set_defaults(run=_run)
 
 
 def _run(args: Any) -> int:
+    from tunevec.analysis.device import limit_memory, resolve_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seeds < 1:
         raise TunevecError("--seeds must be at least 1 (the random-k control)")
+    if args.batch_size < 1:
+        raise TunevecError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    limit_memory(device, args.max_memory)
+    if args.tf32 and device.type != "cuda":
+        raise TunevecError(f"--tf32 applies to CUDA devices; this run is on {device} (leave --tf32 out)")
     attribute(
         args.vectors,
         args.base,
@@ -651,5 +882,10 @@ def _run(args: Any) -> int:
         max_tokens=args.max_tokens,
         ks=args.k,
         seeds=tuple(range(args.seeds)),
+        batch_size=args.batch_size,
+        device=device,
+        layers=args.layers,
+        max_memory=args.max_memory,
+        tf32=args.tf32,
     )
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tunevec.analysis.options import add_device_arguments, parse_layers
+
 
 def configure_extract(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -31,23 +33,40 @@ def configure_extract(parser: argparse.ArgumentParser) -> None:
         "then does not reproduce the tuned model)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing artifact")
+    add_device_arguments(parser)
     parser.set_defaults(run=run_extract)
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    from tunevec.analysis.device import limit_memory, resolve_device
+    from tunevec.analysis.estimate import check, estimate_extract
+    from tunevec.analysis.meter import Meter
+    from tunevec.core.checkpoint import Checkpoint, resolve_model
     from tunevec.core.extract import extract
 
-    vec = extract(
-        args.base,
-        args.tuned,
-        args.out,
-        name=args.name,
-        dtype=args.dtype,
-        force=args.force,
-        base_revision=args.base_revision,
-        tuned_revision=args.tuned_revision,
-        allow_config_changes=args.allow_config_change,
-    )
+    device = resolve_device(args.device)
+    limit_memory(device, args.max_memory)
+    base = Checkpoint(resolve_model(args.base, args.base_revision).path)
+    tuned = Checkpoint(resolve_model(args.tuned, args.tuned_revision).path)
+    options = [
+        "a GPU (--device cuda), where only one tensor pair is on the device",
+        "--max-memory SIZE if more memory is available than reported",
+    ]
+    check(estimate_extract(base, tuned, args.dtype, device), args.max_memory, options)
+    meter = Meter(device)
+    with meter.stage("extract"):
+        vec = extract(
+            args.base,
+            args.tuned,
+            args.out,
+            name=args.name,
+            dtype=args.dtype,
+            force=args.force,
+            base_revision=args.base_revision,
+            tuned_revision=args.tuned_revision,
+            allow_config_changes=args.allow_config_change,
+            device=device,
+        )
     m = vec.manifest
     total = sum(e.norm**2 for e in m.tensors.values()) ** 0.5
     print(
@@ -69,6 +88,8 @@ def run_extract(args: argparse.Namespace) -> int:
         print(f"  config differs ({key}): base {change['base']!r}, tuned {change['tuned']!r}")
     for s in m.policies["skipped"]:
         print(f"  skipped {s['tensor']}: {s['reason']}")
+    for line in meter.lines("  measured "):
+        print(line)
     return 0
 
 
@@ -126,15 +147,27 @@ def configure_analyze(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="torch intra-op threads (default: torch's choice); 1 is far faster for SVDs on an oversubscribed CPU",
     )
+    parser.add_argument(
+        "--layers",
+        type=parse_layers,
+        metavar="START:END",
+        help="only decoder layers START..END-1: their tensors in the weights walk, hidden states START..END in "
+        "the probe (embeddings, final norm and head left out of the walk)",
+    )
+    add_device_arguments(parser)
     parser.set_defaults(run=run_analyze)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tunevec.analysis.device import limit_memory, resolve_device
+    from tunevec.analysis.estimate import check, estimate_analyze
+    from tunevec.analysis.meter import Meter
     from tunevec.analysis.output import write_report
-    from tunevec.analysis.probe import BUILTIN_PROBE, load_probe
+    from tunevec.analysis.probe import BUILTIN_PROBE, ProbeSettings, load_probe, probe_work
     from tunevec.analysis.report import ReportOptions, build_report
+    from tunevec.analysis.walk import open_inputs
 
     if args.threads is not None:
         import torch
@@ -144,6 +177,8 @@ def run_analyze(args: argparse.Namespace) -> int:
 
             raise TunevecError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    limit_memory(device, args.max_memory)
 
     options = ReportOptions(
         svd=args.svd,
@@ -156,6 +191,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         param_budget=args.param_budget,
         factor_max_rank=args.factor_max_rank,
         seed=args.seed,
+        layers=args.layers,
     )
     records, source = None, None
     if not args.no_probe:
@@ -167,6 +203,12 @@ def run_analyze(args: argparse.Namespace) -> int:
         else:
             records, source = list(BUILTIN_PROBE), "bundled probe texts (analysis/probe.py)"
         print(f"probe: {len(records)} texts from {source}")
+    probe_settings = {"max_texts": args.max_probe_texts, "max_tokens": args.probe_max_tokens}
+    vectors, base = open_inputs(args.vectors, args.base)
+    work = probe_work(base.path, records, ProbeSettings(**probe_settings)) if records else None
+    estimate = estimate_analyze(vectors, base, options, work, device)
+    check(estimate, args.max_memory, _analyze_options(args, device))
+    meter = Meter(device)
     report = build_report(
         args.vectors,
         args.base,
@@ -174,8 +216,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         probe_texts=records,
         probe_source=source,
         tuned_paths=args.tuned,
-        probe_settings={"max_texts": args.max_probe_texts, "max_tokens": args.probe_max_tokens},
+        probe_settings=probe_settings,
+        device=device,
+        meter=meter,
     )
+    report["estimate"] = estimate.as_dict()
     paths = write_report(report, args.out)
     print(f"wrote {args.out}: " + ", ".join(p.name for p in paths.values()))
     for name, vec in report["vectors"].items():
@@ -198,4 +243,23 @@ def run_analyze(args: argparse.Namespace) -> int:
             print(
                 f"  {name}: min CKA {s['min_cka']:.4f} (layer {s['min_cka_layer']}), last layer {s['final_cka']:.4f}"
             )
+    for line in meter.lines("  measured "):
+        print(line)
     return 0
+
+
+def _analyze_options(args: argparse.Namespace, device) -> list[str]:
+    """What would make an analysis fit, for the refusal message (each a real option of the command)."""
+    out = []
+    if device.type == "cpu":
+        out.append("a GPU (--device cuda): the probe's float32 model then lives in GPU memory")
+    if not args.no_probe:
+        out.append(
+            f"fewer probe texts (--max-probe-texts, now {args.max_probe_texts}; --probe-max-tokens, now "
+            f"{args.probe_max_tokens}: the stored hidden states shrink with them)"
+        )
+    out.append("fewer layers (--layers START:END: fewer tensors walked and hidden states stored)")
+    if not args.no_probe:
+        out.append("--no-probe (weights only: no model is loaded)")
+    out.append("--max-memory SIZE if more memory is available than reported")
+    return out

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,31 +146,56 @@ def encode(tokenizer, texts: list[str], settings: ProbeSettings) -> list[dict]:
 
 
 @torch.no_grad()
-def hidden_states(model_path: Path, batches: list[dict], keep: torch.Tensor | None) -> list[torch.Tensor]:
-    """Per layer, the (n_tokens × d) fp32 hidden states of all non-pad tokens, in batch order; ``keep`` selects
-    rows (a token subsample)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+def hidden_states(
+    model: Any, batches: list[dict], keep: torch.Tensor | None, layers: Sequence[int] | None = None
+) -> list[torch.Tensor]:
+    """Per kept layer, the (n_tokens × d) fp32 hidden states of the non-pad tokens, in batch order, on the model's
+    device. ``keep`` (bool, one entry per non-pad token of all batches) selects a token subsample batch by batch,
+    so the full set is never held; ``layers`` picks hidden-state indices (default: all)."""
+    device = next(model.parameters()).device
     per_layer: list[list[torch.Tensor]] | None = None
+    offset = 0
     for batch in batches:
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
-        )
-        mask = batch["attention_mask"].bool()
+        mask = batch["attention_mask"].to(device)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True)
+        real = mask.bool()
+        n = int(real.sum())
+        rows = None if keep is None else keep[offset : offset + n].to(device)
+        offset += n
+        wanted = range(len(out.hidden_states)) if layers is None else layers
         if per_layer is None:
-            per_layer = [[] for _ in out.hidden_states]
-        for lay, h in enumerate(out.hidden_states):
-            per_layer[lay].append(h[mask].float())
+            per_layer = [[] for _ in wanted]
+        for slot, lay in enumerate(wanted):
+            h = out.hidden_states[lay][real].float()
+            per_layer[slot].append(h if rows is None else h[rows])
         del out
-    del model
-    layers = [torch.cat(rows) for rows in per_layer or []]
-    return [h[keep] for h in layers] if keep is not None else layers
+    return [torch.cat(rows) for rows in per_layer or []]
+
+
+def probe_work(base_path: str | os.PathLike[str], records: list[dict], settings: ProbeSettings) -> Any:
+    """The probe's size for a cost estimate (``analysis/estimate.py:ProbeWork``): texts, tokens run and kept.
+
+    Tokenises the texts as the probe will, which takes a fraction of a second."""
+    from tunevec.analysis.estimate import ProbeWork
+
+    records = select_texts(records, settings.max_texts)
+    batches = encode(load_tokenizer(Path(base_path)), [r["text"] for r in records], settings)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(int(b["attention_mask"].numel()) for b in batches)
+    width = max((int(b["attention_mask"].shape[1]) for b in batches), default=1)
+    return ProbeWork(
+        texts=len(records),
+        tokens=tokens,
+        padded_tokens=padded,
+        kept_tokens=min(tokens, settings.max_tokens),
+        max_length=width,
+        batch_size=settings.batch_size,
+    )
 
 
 def _token_subsample(domains: list[str], max_tokens: int) -> torch.Tensor | None:
-    """Rows to keep: at most max_tokens // n_domains tokens per domain, evenly spaced within each domain, so
-    long texts of one domain do not crowd out the others. None when everything fits."""
+    """Rows to keep (sorted indices): at most max_tokens // n_domains tokens per domain, evenly spaced within each
+    domain, so long texts of one domain do not crowd out the others. None when everything fits."""
     if len(domains) <= max_tokens:
         return None
     names = sorted(set(domains))
@@ -183,19 +211,30 @@ def _token_subsample(domains: list[str], max_tokens: int) -> torch.Tensor | None
 
 def representation_change(
     base_path: str | os.PathLike[str],
-    tuned: dict[str, str | os.PathLike[str]],
+    tuned: Mapping[str, str | os.PathLike[str] | Any],
     records: list[dict],
     settings: ProbeSettings | None = None,
     *,
     progress: bool = True,
+    device: torch.device | None = None,
+    layers: tuple[int, int] | None = None,
 ) -> dict:
     """Per-layer CKA, principal angles and change dimensions of each tuned model against the base.
+
+    ``tuned`` maps a name to a TuningVector (the model is base + τ) or to a tuned checkpoint folder. Only the base
+    model is loaded (``analysis/resident.py``); each vector's τ, or each tuned checkpoint's weights, is streamed
+    into it, its hidden states taken, and the base's weights streamed back. Everything runs on ``device``
+    (default cpu). ``layers`` = (start, end) keeps hidden-state indices start..end only (decoder layers
+    start..end-1 and the input of the first), which bounds the stored states.
 
     Returns {"settings", "n_texts", "n_tokens", "domains", "layers", "layer_note", "vectors": {name:
     {"layers": [per-layer dict], "by_domain": {domain: [cka per layer]}, "summary": {...}}}}.
     """
     from tqdm import tqdm
 
+    from tunevec.analysis.resident import ResidentModel
+
+    device = device if device is not None else torch.device("cpu")
     settings = settings or ProbeSettings()
     records = select_texts(records, settings.max_texts)
     if not records:
@@ -208,12 +247,30 @@ def representation_change(
         for row, length in enumerate(lengths):
             domains_per_token += [records[b_idx * settings.batch_size + row]["domain"]] * int(length)
     keep = _token_subsample(domains_per_token, settings.max_tokens)
+    keep_mask = None
     if keep is not None:
+        keep_mask = torch.zeros(len(domains_per_token), dtype=torch.bool)
+        keep_mask[keep] = True
         domains_per_token = [domains_per_token[i] for i in keep.tolist()]
     domains = sorted(set(domains_per_token))
-    dom_index = {d: torch.tensor([x == d for x in domains_per_token]) for d in domains}
+    dom_index = {d: torch.tensor([x == d for x in domains_per_token], device=device) for d in domains}
 
-    base_h = hidden_states(Path(base_path), batches, keep)
+    timing = dict.fromkeys(("load", "forward", "stream", "statistics"), 0.0)
+    t0 = time.perf_counter()
+    resident = ResidentModel(base_path, device)
+    timing["load"] = _since(t0, device)
+    n_states = resident.model.config.num_hidden_layers + 1
+    indices = list(range(n_states))
+    if layers is not None:
+        start, end = layers
+        indices = [i for i in indices if start <= i <= end]
+        if not indices:
+            raise TunevecError(
+                f"--layers {start}:{end} selects no hidden state of a {n_states - 1}-layer model"
+            )
+    t0 = time.perf_counter()
+    base_h = hidden_states(resident.model, batches, keep_mask, indices)
+    timing["forward"] += _since(t0, device)
     n, d = base_h[0].shape
     k = max(1, min(settings.angle_k, d, n - 1))
     result: dict = {
@@ -223,22 +280,36 @@ def representation_change(
         "hidden_size": d,
         "angle_k": k,
         "domains": {dom: int(m.sum()) for dom, m in dom_index.items()},
-        "layers": list(range(len(base_h))),
+        "layers": indices,
         "layer_note": "0 = embedding output; i = output of decoder layer i-1; the last is after the final norm",
         "vectors": {},
     }
-    for name, path in tuned.items():
-        tuned_h = hidden_states(Path(path), batches, keep)
+    for name, source in tuned.items():
+        t0 = time.perf_counter()
+        if isinstance(source, str | os.PathLike):
+            resident.load_checkpoint(source)
+            subject = str(source)
+        else:
+            resident.add_vector(source)
+            subject = f"base + tau of {source.path}"
+        timing["stream"] += _since(t0, device)
+        t0 = time.perf_counter()
+        tuned_h = hidden_states(resident.model, batches, keep_mask, indices)
+        timing["forward"] += _since(t0, device)
+        t0 = time.perf_counter()
+        resident.restore()
+        timing["stream"] += _since(t0, device)
+        t0 = time.perf_counter()
         if len(tuned_h) != len(base_h) or tuned_h[0].shape != base_h[0].shape:
-            raise TunevecError(f"tuned model {path} does not produce hidden states shaped like the base's")
-        layers, by_domain = [], {dom: [] for dom in domains}
-        for lay in tqdm(range(len(base_h)), desc=f"probe {name}", unit="layer", disable=not progress):
-            X, Y = base_h[lay], tuned_h[lay]
+            raise TunevecError(f"tuned model {subject} does not produce hidden states shaped like the base's")
+        rows, by_domain = [], {dom: [] for dom in domains}
+        for slot in tqdm(range(len(base_h)), desc=f"probe {name}", unit="layer", disable=not progress):
+            X, Y = base_h[slot], tuned_h[slot]
             angles = principal_angles(X, Y, k)
             change = change_dimensions(X, Y, settings.change_energy)
-            layers.append(
+            rows.append(
                 {
-                    "layer": lay,
+                    "layer": indices[slot],
                     "cka": linear_cka(X, Y),
                     "angles_deg": [float(a) for a in angles.degrees],
                     "mean_angle_deg": float(angles.degrees.mean()),
@@ -250,19 +321,29 @@ def representation_change(
                 ok = int(m.sum()) >= settings.min_domain_tokens
                 by_domain[dom].append(linear_cka(X[m], Y[m]) if ok else float("nan"))
         del tuned_h
-        ckas = [row["cka"] for row in layers]
+        timing["statistics"] += _since(t0, device)
+        ckas = [row["cka"] for row in rows]
         result["vectors"][name] = {
-            "tuned_path": str(path),
-            "layers": layers,
+            "tuned_path": subject,
+            "layers": rows,
             "by_domain": by_domain,
             "summary": {
                 "min_cka": min(ckas),
-                "min_cka_layer": layers[ckas.index(min(ckas))]["layer"],
+                "min_cka_layer": rows[ckas.index(min(ckas))]["layer"],
                 "mean_cka": sum(ckas) / len(ckas),
                 "final_cka": ckas[-1],
-                "max_mean_angle_deg": max(row["mean_angle_deg"] for row in layers),
-                "max_dims_for_energy": max(row["dims_for_energy"] for row in layers),
-                "max_rel_change": max(row["rel_change"] for row in layers),
+                "max_mean_angle_deg": max(row["mean_angle_deg"] for row in rows),
+                "max_dims_for_energy": max(row["dims_for_energy"] for row in rows),
+                "max_rel_change": max(row["rel_change"] for row in rows),
             },
         }
+    resident.release()
+    result["timing_seconds"] = {k: round(v, 3) for k, v in timing.items()}
     return result
+
+
+def _since(t0: float, device: torch.device) -> float:
+    """Seconds since ``t0``, once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0

@@ -21,7 +21,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from tunevec.analysis.aggregate import cross_domain, vector_results
+from tunevec.analysis.meter import Meter
 from tunevec.analysis.walk import ReportOptions, open_inputs, walk
 from tunevec.core.errors import TunevecError
 
@@ -38,16 +41,26 @@ def build_report(
     probe_source: str | None = None,
     tuned_paths: Sequence[str | os.PathLike[str]] | None = None,
     probe_settings: dict | None = None,
+    device: torch.device | None = None,
+    meter: Meter | None = None,
 ) -> dict:
     """The whole analysis as a JSON-ready dict (NaN kept as float; ``analysis.output.to_json`` turns it into null).
 
-    ``probe_texts`` ({"domain", "text"} records) switches on the representation probe; the tuned models come
-    from each vector's manifest (``tuned.path``) unless ``tuned_paths`` (one per vector) overrides them.
+    ``probe_texts`` ({"domain", "text"} records) switches on the representation probe. Its tuned models are base
+    + τ of each vector, streamed into the resident base model; ``tuned_paths`` (one per vector) names tuned
+    checkpoints to stream in instead. ``device`` is where every tensor is computed (default cpu); ``meter``
+    records each stage's time and peak memory (``report["resources"]``).
     """
     opts = options or ReportOptions()
+    device = device if device is not None else torch.device("cpu")
+    meter = meter if meter is not None else Meter(device)
     started = time.perf_counter()
-    vectors, base = open_inputs(vector_paths, base_path)
-    walked = walk(vectors, base, opts)
+    with meter.stage("open"):
+        vectors, base = open_inputs(vector_paths, base_path)
+        for v in vectors:
+            v.ensure_verified()  # a vector's first read hashes it all; counted here, not as the walk's reading
+    with meter.stage("weights"):
+        walked = walk(vectors, base, opts, device)
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -57,7 +70,7 @@ def build_report(
             "fingerprint": base.fingerprint(),
             "architecture": base.architecture,
         },
-        "settings": asdict(opts),
+        "settings": {**asdict(opts), "device": str(device)},
         "definitions": DEFINITIONS,
         "vectors": vector_results(walked, opts.param_budget),
         "cross_domain": cross_domain(walked),
@@ -71,21 +84,28 @@ def build_report(
             raise TunevecError(
                 f"--tuned names {len(tuned_paths)} models for {len(vectors)} vectors; give one each"
             )
-        tuned = {}
+        tuned: dict = {}
         for idx, v in enumerate(vectors):
-            path = Path(tuned_paths[idx]) if tuned_paths else Path(v.manifest.tuned.get("path", ""))
+            if tuned_paths is None:
+                tuned[v.name] = v  # base + τ, streamed from the vector
+                continue
+            path = Path(tuned_paths[idx])
             if not (path / "config.json").exists():
                 raise TunevecError(
-                    f"tuned model of vector {v.name!r} not found at {path} (from its manifest); pass --tuned, "
-                    "or --no-probe to skip the representation probe"
+                    f"--tuned {path} (for vector {v.name!r}) is not a model folder; leave --tuned out to probe "
+                    "base + tau, or pass --no-probe"
                 )
             tuned[v.name] = path
         t0 = time.perf_counter()
         settings = ProbeSettings(**(probe_settings or {}))
-        report["representation"] = representation_change(base.path, tuned, probe_texts, settings)
+        with meter.stage("probe"):
+            report["representation"] = representation_change(
+                base.path, tuned, probe_texts, settings, device=device, layers=opts.layers
+            )
         report["representation"]["source"] = probe_source
         report["timing_seconds"]["probe"] = round(time.perf_counter() - t0, 3)
     report["timing_seconds"]["total"] = round(time.perf_counter() - started, 3)
+    report["resources"] = meter.as_dict()
     return report
 
 
@@ -110,7 +130,8 @@ DEFINITIONS = {
     "(sketch ≤ factor_max_rank); rel_error = ‖τ − BA‖_F / ‖τ‖_F measured",
     "cosine": "⟨a, b⟩ / (‖a‖ ‖b‖) over the entries compared; groups: cosine of the concatenated tensors",
     "sign_agreement": "entries with the same sign among those non-zero in both",
-    "cka": "linear CKA of token-level hidden states (pad-masked) of base vs tuned on the probe texts",
+    "cka": "linear CKA of token-level hidden states (pad-masked) of base vs tuned (base + τ unless --tuned names "
+    "checkpoints) on the probe texts",
     "principal_angles": "angles between the top-k PCA subspaces of base and tuned hidden states",
     "dims_for_energy": "principal components of the centred change ΔH = H_tuned − H_base holding 90% of its "
     "variance",

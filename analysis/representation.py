@@ -53,13 +53,34 @@ class PrincipalAngles(NamedTuple):
     degrees: torch.Tensor  # θ_1 ≤ … ≤ θ_k in degrees
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """The smaller of x xᵀ (n × n) and xᵀ x (d × d): both have the squared singular values of x as eigenvalues."""
+    return x @ x.mT if x.shape[0] <= x.shape[1] else x.mT @ x
+
+
+def squared_singular_values(x: torch.Tensor) -> torch.Tensor:
+    """σ_i² of x (n × d, fp64), descending, as the eigenvalues of its smaller Gram matrix.
+
+    An eigendecomposition of a min(n, d)-square matrix instead of an SVD of the n × d one: several times faster on
+    a CPU and far faster on a GPU (CUDA's dense SVD is slow at a few thousand rows). Each σ_i² is exact to
+    ~1e-16·σ_1², which is all the energy shares built from them need.
+    """
+    return torch.linalg.eigvalsh(_gram(x)).flip(0).clamp_min(0.0)
+
+
 def pca_basis(X: torch.Tensor, k: int) -> torch.Tensor:
     """Orthonormal d × k basis of the top-k principal components of X (n × d), i.e. of centred X's top right
-    singular vectors."""
+    singular vectors (computed through the smaller Gram matrix, see :func:`squared_singular_values`)."""
     X = _centre(_features(X, "X"))
     if not 1 <= k <= min(X.shape):
         raise TunevecError(f"k must be in [1, {min(X.shape)}] for {tuple(X.shape)} features, got {k}")
-    return torch.linalg.svd(X, full_matrices=False).Vh[:k].mT
+    _, vecs = torch.linalg.eigh(_gram(X))
+    top = vecs[:, -k:].flip(1)
+    if X.shape[0] > X.shape[1]:
+        return top  # eigenvectors of XᵀX: the right singular vectors themselves
+    # eigenvectors of XXᵀ are the left singular vectors u_i; Xᵀu_i = σ_i v_i spans the same subspace. QR gives an
+    # exactly orthonormal basis of it (dividing by σ_i would leave rounding in the norms).
+    return torch.linalg.qr(X.mT @ top).Q
 
 
 def principal_angles(X: torch.Tensor, Y: torch.Tensor, k: int) -> PrincipalAngles:
@@ -100,7 +121,7 @@ def change_dimensions(
     total = float((delta**2).sum())
     base_norm = float(torch.linalg.matrix_norm(base))
     mean = delta.mean(dim=0)
-    s2 = torch.linalg.svdvals(delta - mean) ** 2
+    s2 = squared_singular_values(delta - mean)
     cum = torch.cumsum(s2, 0)
     # A pure offset leaves rounding residue in the centred change; treat it as zero, not as a spectrum.
     var = float(cum[-1]) if float(cum[-1]) > 1e-12 * total else 0.0

@@ -41,11 +41,12 @@ def _layers(model: LlamaForCausalLM, part: slice, final_norm: bool) -> Iterator[
 def prefix_states(
     model: LlamaForCausalLM, examples: Sequence[Example], first: int, batch_size: int = 16
 ) -> list[torch.Tensor]:
-    """The input of decoder layer ``first`` for each example, as a [len, hidden] float32 tensor.
+    """The input of decoder layer ``first`` for each example, as a [len, hidden] float32 tensor on the model's device.
 
     Right padding leaves the real positions unchanged (causal attention), so batching is exact.
     """
     model.eval()
+    device = next(model.parameters()).device
     states: list[torch.Tensor] = []
     with _layers(model, slice(0, first), final_norm=False):
         for i in range(0, len(examples), batch_size):
@@ -56,22 +57,50 @@ def prefix_states(
             for j, (x, _) in enumerate(chunk):
                 ids[j, : len(x)] = torch.tensor(x)
                 mask[j, : len(x)] = 1
-            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = model.model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            ).last_hidden_state
             states.extend(hidden[j, : len(x)].clone() for j, (x, _) in enumerate(chunk))
     return states
+
+
+@torch.no_grad()
+def advance_states(
+    model: LlamaForCausalLM,
+    states: Sequence[torch.Tensor],
+    examples: Sequence[Example],
+    start: int,
+    stop: int,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """The inputs of decoder layer ``stop`` for each example, from ``states``, the inputs of layer ``start``
+    (layers start..stop-1 run, no final norm): what ``prefix_states(model, examples, stop)`` returns when the
+    layers below ``start`` gave ``states``."""
+    model.eval()
+    out: list[torch.Tensor] = []
+    with _layers(model, slice(start, stop), final_norm=False):
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            batch = suffix_batch(states[i : i + batch_size], chunk)
+            hidden = model.model(
+                inputs_embeds=batch["hidden"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            out.extend(hidden[j, : len(ids)].clone() for j, (ids, _) in enumerate(chunk))
+    return out
 
 
 def suffix_batch(states: Sequence[torch.Tensor], examples: Sequence[Example]) -> Batch:
     """Right-padded prefix states, next-token labels (already shifted) and the attention mask."""
     width = max(len(ids) for ids, _ in examples)
-    hidden = torch.zeros(len(examples), width, states[0].shape[-1])
+    device = states[0].device
+    hidden = torch.zeros(len(examples), width, states[0].shape[-1], device=device)
     targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, (state, (ids, labels)) in enumerate(zip(states, examples, strict=True)):
         hidden[i, : len(ids)] = state
         targets[i, : len(labels) - 1] = torch.tensor(labels[1:])
         mask[i, : len(ids)] = 1
-    return {"hidden": hidden, "targets": targets, "attention_mask": mask}
+    return {"hidden": hidden, "targets": targets.to(device), "attention_mask": mask.to(device)}
 
 
 def suffix_loss(model: LlamaForCausalLM, first: int, batch: Batch, reduction: str = "mean") -> torch.Tensor:

@@ -43,6 +43,7 @@ from tunevec.core.linalg import (
     singular_values,
     sq_norm,
     stable_rank,
+    top_svd,
 )
 from tunevec.core.roles import classify
 from tunevec.core.vector import TuningVector
@@ -66,6 +67,9 @@ class ReportOptions:
     spectrum_keep: int = 64  # singular values / energy-curve points stored per module
     sigma_keep: int = 16  # Δσ_i/σ_i stored per module (i ≤ this)
     seed: int = 0
+    layers: tuple[int, int] | None = (
+        None  # decoder layers start..end-1 only (tensors outside any layer skipped)
+    )
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -79,6 +83,10 @@ class ReportOptions:
             raise TunevecError(f"--factor-energy must be in (0, 1], got {self.factor_energy}")
         if self.param_budget is not None and self.param_budget < 0:
             raise TunevecError(f"--param-budget must be non-negative, got {self.param_budget}")
+        if self.layers is not None and not 0 <= self.layers[0] < self.layers[1]:
+            raise TunevecError(
+                f"--layers START:END needs 0 <= START < END, got {self.layers[0]}:{self.layers[1]}"
+            )
         for name in ("sketch", "max_k", "factor_max_rank", "spectrum_keep"):
             if getattr(self, name) < 1:
                 raise TunevecError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -121,10 +129,14 @@ def open_inputs(
 # ---------------------------------------------------------------- per module
 
 
-def _spectrum(tau: torch.Tensor, total: float, opts: ReportOptions) -> tuple[dict, torch.Tensor, bool]:
-    """Spectrum numbers of one τ; returns (dict, singular values computed, whether they are all of them)."""
+def _spectrum(
+    tau: torch.Tensor, total: float, opts: ReportOptions
+) -> tuple[dict, torch.Tensor, bool, tuple | None]:
+    """Spectrum numbers of one τ; returns (dict, singular values computed, whether they are all of them, and the
+    randomized triplets when that is how they were computed, for the factorisation to reuse)."""
     dim = min(tau.shape)
     method = opts.method_for(tau.shape)
+    triplets = None
     if total == 0:
         s = torch.zeros(min(dim, opts.spectrum_keep))
         complete = True
@@ -132,7 +144,8 @@ def _spectrum(tau: torch.Tensor, total: float, opts: ReportOptions) -> tuple[dic
         s, complete = singular_values(tau), True
     else:
         rank = min(opts.sketch, dim)
-        s = singular_values(tau, method="randomized", rank=rank, seed=opts.seed)
+        triplets = top_svd(tau, rank, method="randomized", seed=opts.seed)
+        s = triplets[1]
         complete = rank == dim
     curve_len = min(opts.spectrum_keep, s.numel())
     ks = [k for k in ENERGY_KS if k <= s.numel()]
@@ -153,7 +166,7 @@ def _spectrum(tau: torch.Tensor, total: float, opts: ReportOptions) -> tuple[dic
             out[f"rank_for_{int(target * 100)}"] = rank_for_energy(s, target, total_energy=total)
         except TunevecError:  # the sketch does not reach the target
             out[f"rank_for_{int(target * 100)}"] = None
-    return out, s, complete
+    return out, s, complete, triplets
 
 
 def _principal(W: torch.Tensor, opts: ReportOptions):
@@ -166,12 +179,34 @@ def _principal(W: torch.Tensor, opts: ReportOptions):
     return principal_directions(W, None, energy=opts.w_energy, max_k=cap, method=method, seed=opts.seed)
 
 
-def _factor(tau: torch.Tensor, s: torch.Tensor, complete: bool, total: float, opts: ReportOptions) -> dict:
-    """τ ≈ B A at the rank holding factor_energy: measured error, and the exact optimum when s is complete."""
+def _factor(
+    tau: torch.Tensor,
+    s: torch.Tensor,
+    complete: bool,
+    total: float,
+    opts: ReportOptions,
+    triplets: tuple | None,
+) -> dict:
+    """τ ≈ B A at the rank holding factor_energy: measured error, and the exact optimum when s is complete.
+
+    ``triplets``: the spectrum's randomized SVD of this τ; when the factorisation would compute the same one (same
+    sketch size and seed: the defaults), it is reused."""
     # A sketch covering half the spectrum or more saves nothing over the exact SVD (and is slower).
     method = "full" if opts.svd == "full" or 2 * opts.factor_max_rank >= min(tau.shape) else "randomized"
+    reuse = (
+        triplets
+        if method == "randomized"
+        and triplets is not None
+        and triplets[1].numel() == min(opts.factor_max_rank, min(tau.shape))
+        else None
+    )
     f = factorise(
-        tau, energy=opts.factor_energy, method=method, max_rank=opts.factor_max_rank, seed=opts.seed
+        tau,
+        energy=opts.factor_energy,
+        method=method,
+        max_rank=opts.factor_max_rank,
+        seed=opts.seed,
+        top=reuse,
     )
     out = {
         "method": method,
@@ -208,11 +243,28 @@ class Walk:
     timing: dict[str, float] = field(default_factory=dict)
 
 
-def walk(vectors: list[TuningVector], base: Checkpoint, opts: ReportOptions) -> Walk:
-    """Stream every tensor once, in lockstep across vectors, and compute each module's numbers."""
+def in_layers(layer: int | None, layers: tuple[int, int] | None) -> bool:
+    """Whether a tensor of decoder layer ``layer`` (None: not in a layer) is inside ``layers`` = (start, end)."""
+    return layers is None or (layer is not None and layers[0] <= layer < layers[1])
+
+
+def walk(
+    vectors: list[TuningVector],
+    base: Checkpoint,
+    opts: ReportOptions,
+    device: torch.device | None = None,
+) -> Walk:
+    """Stream every tensor once, in lockstep across vectors, and compute each module's numbers on ``device``.
+
+    Tensors travel to the device in their stored dtype and are converted there; what is kept (singular values,
+    numbers) comes back to the host, so device memory holds one base weight, one τ per vector and their SVD
+    factors at a time."""
     from tqdm import tqdm
 
-    names = vectors[0].names()
+    device = device if device is not None else torch.device("cpu")
+    names = [n for n in vectors[0].names() if in_layers(classify(n, base.architecture).layer, opts.layers)]
+    if not names:
+        raise TunevecError(f"--layers {opts.layers[0]}:{opts.layers[1]} selects no tensor of the vectors")
     pairs = list(itertools.combinations(range(len(vectors)), 2))
     result = Walk(
         vectors=vectors,
@@ -240,10 +292,10 @@ def walk(vectors: list[TuningVector], base: Checkpoint, opts: ReportOptions) -> 
             got, tau = next(stream)
             if got != name:  # all vectors list the same names; the stream follows the order asked for
                 raise TunevecError(f"internal: expected tensor {name!r}, read {got!r}")
-            taus.append(tau.float())
+            taus.append(tau.to(device).float())
         role = classify(name)
         linear = role.role in LINEAR_ROLES and role.is_linear and taus[0].ndim == 2
-        W = base.read(name).float() if linear else None
+        W = base.read(name).to(device).float() if linear else None
         timing["read"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -274,9 +326,9 @@ def walk(vectors: list[TuningVector], base: Checkpoint, opts: ReportOptions) -> 
                 result.others[idx][name] = rec
                 continue
             t0 = time.perf_counter()
-            rec["spectrum"], s, complete = _spectrum(tau, total, opts)
+            rec["spectrum"], s, complete, triplets = _spectrum(tau, total, opts)
             timing["spectrum"] += time.perf_counter() - t0
-            result.spectra[idx][name] = s
+            result.spectra[idx][name] = s.cpu()
             if total > 0:
                 t0 = time.perf_counter()
                 rec["alignment"] = alignment_from_directions(
@@ -285,10 +337,14 @@ def walk(vectors: list[TuningVector], base: Checkpoint, opts: ReportOptions) -> 
                 timing["alignment"] += time.perf_counter() - t0
                 if opts.factor_energy is not None:
                     t0 = time.perf_counter()
-                    rec["factor"] = _factor(tau, s, complete, total, opts)
+                    rec["factor"] = _factor(tau, s, complete, total, opts, triplets)
                     timing["factor"] += time.perf_counter() - t0
             result.modules[idx][name] = rec
         del taus, W, svd_w
+        if device.type == "cuda":
+            torch.cuda.synchronize(
+                device
+            )  # so the stage timings above count the device's work, not its queue
     bar.close()
     for stream in streams:
         stream.close()

@@ -165,6 +165,25 @@ def test_attribute_command_writes_json_plot_and_markdown(tiny_fixtures, tiny_vec
     assert main([*args[:-4], "--seeds", "0"]) == 2  # no random control is an error
 
 
+def test_a_patch_run_from_remembered_layer_inputs_gives_the_loss_of_the_whole_suffix(
+    tiny, tiny_fixtures, tiny_vectors
+):
+    """Patched evaluations start at the lowest layer where they differ from a remembered model (attribute_vector);
+    from the base's inputs of layer 1, base + τ on layer 1's components has the loss computed from layer 0."""
+    tokenizer, model = tiny
+    vector = TuningVector(tiny_vectors / "math")
+    components = components_of(vector)
+    upper = [t for c in components if c.layer == 1 for t in c.tensors]
+    patcher = WeightPatcher(model, vector, [t for c in components for t in c.tensors])
+    loss = DomainLoss(model, load_examples(tiny_fixtures / "probe.jsonl", tokenizer, "math", 8, 48), 0, 4)
+    inputs = loss.layer_inputs()
+    assert set(inputs) == {0, 1} and loss(1, inputs[1]) == pytest.approx(loss(), rel=1e-6)
+    patcher.set(upper)
+    from_layer_1, whole = loss(1, inputs[1]), loss()
+    patcher.set(())
+    assert from_layer_1 == pytest.approx(whole, rel=1e-6) and abs(whole - loss()) > 1e-4
+
+
 def test_suffix_loss_equals_the_full_models_loss(tiny, tiny_fixtures):
     """Running layers first.. from cached inputs of layer `first`, with the head on scored positions only, is the
     same loss as the whole model's (what the smol fine-tunes and the patch evaluations rely on)."""

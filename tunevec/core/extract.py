@@ -185,6 +185,7 @@ def extract(
     base_revision: str | None = None,
     tuned_revision: str | None = None,
     allow_config_changes: bool = False,
+    device: torch.device | str | None = None,
 ) -> TuningVector:
     """Stream tau = tuned - base into an artifact at ``out``; at most one tensor pair is in memory at a time.
 
@@ -199,6 +200,10 @@ def extract(
     computed in float32; the difference of two bf16 numbers within a factor 2 of each other is exact in bf16
     (Sterbenz), so storing it narrow rarely rounds, and where it does the manifest says how much
     (``policies.rounding``). Half the bytes to hash and write as a float32 tau of a bf16 model.
+
+    ``device`` (default cpu) is where the arithmetic runs: on CUDA each tensor pair travels in its stored dtype,
+    is converted, subtracted, measured and rounded there, and only the stored tau comes back for hashing and
+    writing, which stay on the host. Device memory then holds one tensor pair (``_DeviceStep``).
     """
     from tqdm import tqdm
 
@@ -232,7 +237,20 @@ def extract(
             pending: tuple[str, Future] | None = None
             buffers = _Buffers()
             rounding = _Rounding()
+            on_device = _DeviceStep(torch.device(device)) if device is not None else None
+            if on_device is not None and on_device.device.type == "cpu":
+                on_device = None
             for i, (name_, shape) in enumerate(plan):
+                if on_device is not None:
+                    entries[name_], stored = on_device.step(
+                        base, tuned, name_, shape, torch_dtype, grown.get(name_), rounding, buffers, i
+                    )
+                    if pending is not None:
+                        entries[pending[0]].sha256 = pending[1].result()
+                    pending = (name_, pool.submit(writer.write, name_, stored))
+                    del stored
+                    bar.update(base.tensors[name_].nbytes + tuned.tensors[name_].nbytes)
+                    continue
                 w_base = base.read_into(name_, buffers.get("base", torch.float32, shape))
                 # tau is computed in place in the tuned buffer; when it is also what gets written, two buffers
                 # take turns, since the writer may still hold the previous tensor's.
@@ -330,16 +348,78 @@ class _Buffers:
     """Flat buffers reused across tensors, grown to the largest seen: allocating fresh multi-GB tensors for every
     tensor pair made the kernel's page faulting the largest single cost of extraction (bench/bench_extract.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self._flat: dict[str, torch.Tensor] = {}
+        self.device = device if device is not None else torch.device("cpu")
 
     def get(self, key: str, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
         numel = math.prod(shape)
         buf = self._flat.get(key)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             self._flat.pop(key, None)  # free the old one before allocating its replacement
-            buf = self._flat[key] = torch.empty(numel, dtype=dtype)
+            buf = self._flat[key] = torch.empty(numel, dtype=dtype, device=self.device)
         return buf[:numel].view(tuple(shape))
+
+
+class _DeviceStep:
+    """One tensor pair's arithmetic on an accelerator: the host reads both tensors in their stored dtype (no
+    conversion on the CPU, half the bytes of float32 for a bf16 model), the device converts, subtracts, measures
+    and rounds, and the stored tau is copied back into a host buffer for the writer thread.
+
+    Device memory: two float32 tensors of the pair's shape, their two stored-dtype copies and the stored tau,
+    i.e. (2·4 + 2·b_in + b_out) bytes per entry of the largest tensor; nothing is kept across tensors but reused
+    buffers.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.on_device = _Buffers(device)
+
+    def step(
+        self,
+        base: Checkpoint,
+        tuned: Checkpoint,
+        name: str,
+        shape: tuple[int, ...],
+        out_dtype: torch.dtype,
+        grown: dict | None,
+        rounding: _Rounding,
+        host: _Buffers,
+        i: int,
+    ) -> tuple[TensorEntry, torch.Tensor]:
+        t_shape = tuned.tensors[name].shape
+        raw_b = base.read_into(name, host.get("raw_base", _stored_dtype(base, name), shape))
+        raw_t = tuned.read_into(name, host.get("raw_tuned", _stored_dtype(tuned, name), t_shape))
+        w_base = self.on_device.get("base", torch.float32, shape).copy_(raw_b.to(self.device))
+        w_tuned = self.on_device.get("tuned", torch.float32, t_shape).copy_(raw_t.to(self.device))
+        if grown is not None:
+            grown["added_rows_norm"] = float(w_tuned[shape[0] :].norm())
+            w_tuned = w_tuned[: shape[0]]
+        tau = w_tuned.sub_(w_base)
+        role = classify(name, base.architecture)
+        entry = TensorEntry(
+            name=name,
+            shape=list(shape),
+            role=role.role,
+            layer=role.layer,
+            module=role.module,
+            norm=float(tau.norm()),
+            base_norm=float(w_base.norm()),
+            sha256="",
+        )
+        if out_dtype == torch.float32:
+            stored_dev = tau
+        else:
+            stored_dev = self.on_device.get("out", out_dtype, shape).copy_(tau)
+            rounding.add(stored_dev, tau, entry.norm, scratch=w_base)
+        # Two host buffers take turns: the writer may still hold the previous tensor's.
+        stored = host.get(f"out{i % 2}", out_dtype, shape)
+        stored.copy_(stored_dev)
+        return entry, stored
+
+
+def _stored_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
+    return ST_FLOAT_DTYPES[ckpt.tensors[name].dtype]
 
 
 def _describe(ckpt: Checkpoint, source: ResolvedModel) -> dict:

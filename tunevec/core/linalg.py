@@ -32,9 +32,20 @@ def _check_method(method: str) -> None:
         raise TunevecError(f"method must be one of {METHODS}, got {method!r}")
 
 
+_NORM_CHUNK = 1 << 22  # entries per fp64 chunk of sq_norm: 32 MiB of float64, whatever the tensor's size
+
+
 def sq_norm(m: torch.Tensor) -> float:
-    """‖m‖_F², accumulated in fp64 so that shares of it are exact to fp32 rounding of the entries."""
-    return float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2)
+    """‖m‖_F², accumulated in fp64 so that shares of it are exact to fp32 rounding of the entries.
+
+    In chunks: a float64 copy of a whole embedding (131M entries at 7B) would cost 1 GiB for one number."""
+    flat = m.reshape(-1)
+    if flat.numel() <= _NORM_CHUNK:
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _NORM_CHUNK):
+        total += torch.linalg.vector_norm(flat[start : start + _NORM_CHUNK], dtype=torch.float64) ** 2
+    return float(total)
 
 
 def randomized_svd(
@@ -180,6 +191,7 @@ def factorise(
     method: str = "randomized",
     max_rank: int | None = None,
     seed: int = 0,
+    top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> LowRank:
     """Truncated-SVD factorisation τ ≈ B A at a fixed ``rank`` or the smallest rank holding ``energy``.
 
@@ -194,6 +206,10 @@ def factorise(
     sketch cannot reach the target (max_rank too small), r = s and ``energy`` reports the share reached.
     ``max_rank`` also caps the ``full`` choice. Without ``max_rank`` the randomized sketch is the whole
     spectrum — correct but slower than ``full``; pass a cap.
+
+    ``top``: the triplets ``top_svd`` would compute here (for ``energy=``: ``top_svd(tau, s, method, seed)``
+    with s as above), when the caller already has them, e.g. from the spectrum of the same τ; the randomized SVD of
+    a 4096-wide matrix is the largest cost of an analysis, and computing it twice gives the same factors.
     """
     if (rank is None) == (energy is None):
         raise TunevecError("pass exactly one of rank= or energy=")
@@ -212,7 +228,11 @@ def factorise(
     else:
         if not 0.0 < energy <= 1.0:
             raise TunevecError(f"energy target must be in (0, 1], got {energy}")
-        u, s, v = top_svd(tau, dim if method == "full" else cap, method=method, seed=seed)
+        want = dim if method == "full" else cap
+        if top is not None and top[1].numel() == want:
+            u, s, v = top
+        else:
+            u, s, v = top_svd(tau, want, method=method, seed=seed)
         cum = torch.cumsum(s.double() ** 2, 0)
         reached = torch.nonzero(cum >= energy * total)
         rank = 0 if total == 0 else (int(reached[0]) + 1 if reached.numel() else s.numel())

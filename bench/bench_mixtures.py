@@ -10,6 +10,9 @@ itself); ``--max-loras 8``. Scenarios, each sending the same requests from ``--c
   1 mixture             wide, ``medical:0.8+math:0.4`` (two vectors)
   8 mixtures            wide, eight different mixtures in flight together (request i uses mixture i mod 8)
   one vector @ wide / @ narrow   ``medical:0.8`` on both servers; base on the narrow one normalises it
+  with / without norms  ``medical`` against ``medical@attention+medical@mlp``: the same LoRA work, and the first
+                        also moves the norms tau moves (per token, whole); on a vector that moves no norm the two
+                        are the same model (a second A/A)
 
 Two phases per scenario and round: generation (greedy, ``ignore_eos``) and prompt scoring (lm-eval's
 ``echo`` + ``logprobs`` loglikelihood request). Rounds rotate the scenario order. Throughput is summed tokens over
@@ -57,6 +60,7 @@ from _servers import (  # noqa: E402
 
 ONE = "medical:0.8+math:0.4"
 RANK16 = "medical:0.8"
+WITH_NORMS, WITHOUT_NORMS = "medical", "medical@attention+medical@mlp"
 PHASES = ("gen", "loglik")
 TARGETS = {  # scenario ratio -> the target
     "gen": 0.8,
@@ -213,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         Scenario(f"{RANK16} @ wide max rank", "S64", [RANK16]),
         Scenario(f"{RANK16} @ narrow max rank", "S16", [RANK16]),
         Scenario("base @ narrow max rank", "S16", ["base"]),
+        Scenario(f"{WITH_NORMS} (norms whole)", "S64", [WITH_NORMS]),
+        Scenario(WITHOUT_NORMS, "S64", [WITHOUT_NORMS]),
     ]
     print(
         header(
@@ -280,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         at16 = r(by[f"{RANK16} @ narrow max rank"], by["base @ narrow max rank"], phase)
         lines.append(
             (f"{phase}: one vector at the wide max rank / at the narrow one", at64 / at16, TARGETS["rank64"])
+        )
+    for phase in PHASES:
+        lines.append(
+            (
+                f"{phase}: {WITH_NORMS} with its norms / without them",
+                r(by[f"{WITH_NORMS} (norms whole)"], by[WITHOUT_NORMS], phase),
+                0.9,
+            )
         )
     print("\n-- targets --")
     print(f"A/A control (base again / base): generation {aa[0]:.3f}, scoring {aa[1]:.3f}")

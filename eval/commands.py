@@ -121,7 +121,7 @@ def grid_from_args(args: argparse.Namespace) -> Any:
     server = {
         k: v
         for k, v in {
-            name: getattr(args, name)
+            name: getattr(args, name, None)
             for name in (
                 "steering",
                 "dtype",

@@ -223,7 +223,7 @@ def _grid(args: argparse.Namespace, tasks: list[str]) -> Any:
         include_path=args.include_path, limit=None, num_fewshot=args.num_fewshot, chat=args.chat,
         variant=["base"], tuned=None, checkpoint=None, sweep=None, steering=None, dtype=args.dtype,
         max_model_len=args.max_model_len, adapter_rank=args.adapter_rank, max_lora_rank=args.max_lora_rank,
-        compile=False, num_concurrent=args.num_concurrent, batch_size=args.batch_size, max_retries=None,
+        enforce_eager=None, num_concurrent=args.num_concurrent, batch_size=args.batch_size, max_retries=None,
     )  # fmt: skip
     return grid_from_args(eval_args)
 

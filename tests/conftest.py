@@ -24,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLIT_BY_PARAM = {"test_architectures": "family", "test_differential": "served"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`make test` runs on two xdist workers with ``--dist loadgroup``: a group's tests run in one worker, so the
     server a module starts once is started once. Slow groups (real servers) are put first, so the two workers are

@@ -91,7 +91,6 @@ def activation_vectors(fixtures: Path, vectors: Path, out: Path) -> Path:
 
 GENERATED_TOKENS = 12
 LEAD_TOKENS = 160  # the base generation a "with the base" batch runs beside
-LEAD_START = 0.3  # seconds the lead runs before the batch is sent
 
 
 @dataclass(frozen=True)
@@ -191,9 +190,20 @@ async def _send(
             assert r.status_code == 200, f"{model}: {r.status_code} {r.text[:500]}"
             return None if kind == "lead" else _answer(r.json(), prompt, kind)
 
-        leading = asyncio.ensure_future(one("base", requests[0][1], "lead")) if lead else None
-        if leading is not None:
-            await asyncio.sleep(LEAD_START)
+        leading = None
+        if lead:
+            started = asyncio.Event()
+
+            async def lead_generation() -> None:
+                body = {**_body("base", list(requests[0][1]), "lead"), "stream": True}
+                async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                    assert r.status_code == 200, await r.aread()
+                    async for _ in r.aiter_lines():
+                        started.set()  # decoding: the batch below shares its steps with base tokens
+                started.set()
+
+            leading = asyncio.ensure_future(lead_generation())
+            await asyncio.wait_for(started.wait(), 300)
         answers = await asyncio.gather(*(one(*req) for req in requests))
         if leading is not None:
             await leading

@@ -55,7 +55,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported and configured (all of them when None), so a command
+    needs only its own dependencies (``tunevec analyze`` on a machine without vLLM or pydantic)."""
     parser = argparse.ArgumentParser(
         prog="tunevec",
         description="Tuning vectors: extract, analyse, merge, serve and evaluate domain fine-tuning deltas.",
@@ -63,13 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (target, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        module, func = target.split(":")
-        getattr(importlib.import_module(module), func)(sp)
+        if command is None or name == command:
+            module, func = target.split(":")
+            getattr(importlib.import_module(module), func)(sp)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     try:
         result = args.run(args)
     except TunevecError as exc:

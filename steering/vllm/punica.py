@@ -10,13 +10,15 @@ product, once per slice (q, k, v ...) for the shrink and again for the expand. `
   nothing), each slot's tunevec composition looked up, and the choice of how each slot is served this step.
 - **Packs, once per slot activation** (lazily): for one module and one slot, the slices' A stacked ``[R, in]``
   and their B block-diagonal ``[out, R]``, R the sum of the slices' real ranks. A tunevec mixture's slot holds the
-  vectors' factors unscaled (``compose.py``); its pack's B columns are multiplied by their float32 coefficients
-  once, in float32, before the cast to the activation dtype (alpha itself is never rounded). A module whose
-  weights in that slot are all zero packs to nothing and costs nothing.
+  vectors' factors unscaled (``compose.py``); its pack carries their float32 coefficients, applied between shrink
+  and expand exactly as the shared stacks apply them, so a mixture alone and in a shared step round the same
+  products the same way, in any dtype (alpha itself is never rounded). A module whose weights in that slot are all
+  zero packs to nothing and costs nothing.
 - **Compute**, per module: one run: two GEMMs (for a few tokens, vLLM's oneDNN kernels on prepacked factors:
-  half the time of torch's small bfloat16 GEMMs on CPU); several short runs (decode steps that interleave
-  adapters): the active slots' packs side by side, ``y += ((x A_all^T) * M) B_all^T`` with ``M`` the token-to-slot
-  mask (three ops whatever the slot count); several long runs: run by run.
+  half the time of torch's small bfloat16 GEMMs on CPU) and the coefficients' scale; several short runs (decode
+  steps that interleave adapters): the active slots' packs side by side, ``y += ((x A_all^T) * M) B_all^T`` with
+  ``M`` each token's coefficients on its own slot's columns (three ops whatever the slot count); several long
+  runs: run by run.
 - **Shared stacks**: when two or more slots of a step hold tunevec mixtures, they are served from one stack of the
   vectors they use (``MixtureState.stack``) and a per-token row of a float32 coefficient table, ``y += ((x A^T) *
   C) B^T``, instead of from each slot's own copy of the same factors: four ops and one copy of the factors however
@@ -307,11 +309,10 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
         return self._state.layout(lora_id, module, slices)
 
     def _with_layout(self, pack: Pack | None, layout) -> Pack | None:  # noqa: ANN001
-        """A tunevec mixture's pack: its B columns times their coefficients, in float32, then in ``b``'s dtype."""
+        """A tunevec mixture's pack, with its columns' float32 coefficients."""
         if pack is None or layout is None:
             return pack
-        scaled = (pack.b.float() * layout.coef.to(pack.b.device)).to(pack.b.dtype)
-        return Pack(pack.a, scaled)
+        return Pack(pack.a, pack.b, layout.coef.to(pack.b.device))
 
     # --- ops --------------------------------------------------------------------------------------------------
 
@@ -386,7 +387,9 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
             return self._with_layout(pack_embedding(lora_b_stacked, slot, y.dtype, rank), layout)
 
         def shrink(pack: Pack, xs: torch.Tensor) -> torch.Tensor:
-            return xs[:, : pack.rank].to(y.dtype)
+            return xs[:, : pack.rank].to(
+                y.dtype, copy=True
+            )  # scaled in place next: never the layer's own rows
 
         self._apply(y, x, lora_b_stacked, build, plan, 1.0, shrink, shared=False, stacked=False)
 
@@ -448,7 +451,7 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
             pack = packs[run.slot]
             if pack is None:
                 continue
-            _lora(y[run.start : run.stop], x[run.start : run.stop], pack, scale, shrink)
+            _lora(y[run.start : run.stop], x[run.start : run.stop], pack, scale, shrink, pack.coef)
 
     def _apply_stacked(self, y, x, key_obj, plan, packs, slots, runs, scale, shrink) -> None:  # noqa: ANN001
         """Several short runs: the slots' packs side by side, each token's coefficients on its slot's columns."""
@@ -471,11 +474,11 @@ class PunicaWrapperGrouped(PunicaWrapperCPU):
                 if packs[s] is not None:
                     columns[s] = (col, packs[s])
                     col += packs[s].rank
-            mask = torch.zeros(plan.num_rows, col, dtype=y.dtype, device=y.device)
+            mask = torch.zeros(plan.num_rows, col, dtype=torch.float32, device=y.device)
             for run in runs:
                 if run.slot in columns:
                     c0, pack = columns[run.slot]
-                    mask[run.start : run.stop, c0 : c0 + pack.rank] = 1
+                    mask[run.start : run.stop, c0 : c0 + pack.rank] = 1.0 if pack.coef is None else pack.coef
             plan.per_module[("mask", id(key_obj))] = mask
         n = plan.num_rows
         _lora(y[:n], x[:n], combined, scale, shrink, mask)

@@ -64,10 +64,14 @@ class DeltaTarget:
 @dataclass(frozen=True)
 class Pack:
     """Factors ready for the op: A ``[R, in]`` (None for an embedding: the layer looks its rows up) and B
-    ``[out, R]``, in the activation dtype; ``kernels``: prepared GEMMs over them, built by the op on first use."""
+    ``[out, R]``, in the activation dtype; ``coef``: the columns' float32 coefficients, applied between shrink and
+    expand; ``kernels``: prepared GEMMs over the factors, built by the op on first use."""
 
     a: torch.Tensor | None
     b: torch.Tensor
+    coef: torch.Tensor | None = (
+        None  # float32 per column (a tunevec mixture's alphas); None: weights carry them
+    )
     kernels: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

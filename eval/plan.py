@@ -120,7 +120,7 @@ def _shared_config(grid: Grid, remote: dict[str, Any] | None) -> dict[str, Any]:
         from tunevec.steering.library import VectorLibrary
 
         for name, vec in VectorLibrary.from_dir(grid.vectors).vectors.items():
-            vectors[name] = digest(sorted(e.sha256 for e in vec.manifest.tensors.values()))
+            vectors[name] = vec.content_digest  # a hash of every tensor's bytes (weights or directions)
     return {
         "base": Checkpoint(grid.base).fingerprint() if grid.base else None,
         "vectors": vectors,

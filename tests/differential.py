@@ -90,7 +90,7 @@ def activation_vectors(fixtures: Path, vectors: Path, out: Path) -> Path:
 
 
 GENERATED_TOKENS = 12
-LEAD_TOKENS = 160  # the base generation a "with the base" batch runs beside
+MAX_MODEL_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Config:
 
     def serve_args(self) -> list[str]:
         args = ["--dtype", self.dtype, "--adapter-rank", str(RANK), "--max-lora-rank", str(MAX_LORA_RANK),
-                "--max-loras", str(MAX_LORAS), "--max-model-len", "512"]  # fmt: skip
+                "--max-loras", str(MAX_LORAS), "--max-model-len", str(MAX_MODEL_LEN)]  # fmt: skip
         if self.tensor_parallel > 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel)]
         vllm = []
@@ -153,7 +153,7 @@ def _body(model: str, prompt: list[int], kind: str) -> dict:
         return {
             "model": model,
             "prompt": prompt,
-            "max_tokens": LEAD_TOKENS,
+            "max_tokens": MAX_MODEL_LEN - len(prompt),  # runs until the batch is answered (then aborted)
             "temperature": 0,
             "ignore_eos": True,
         }
@@ -181,8 +181,8 @@ def _answer(payload: dict, prompt: list[int], kind: str) -> Answer:
 async def _send(
     url: str, requests: list[tuple[str, tuple[int, ...], str]], lead: bool = False
 ) -> list[Answer]:
-    """The requests at once; with ``lead``, while a long base generation is already running, so that the batch
-    shares engine steps with base tokens whatever the timing of its own requests."""
+    """The requests at once; with ``lead``, while a long base generation is running from before the first of them
+    until after the last, so that the batch shares engine steps with base tokens whatever its own timing."""
     async with httpx.AsyncClient(timeout=600) as client:
 
         async def one(model: str, prompt: tuple[int, ...], kind: str) -> Answer | None:
@@ -206,7 +206,10 @@ async def _send(
             await asyncio.wait_for(started.wait(), 300)
         answers = await asyncio.gather(*(one(*req) for req in requests))
         if leading is not None:
-            await leading
+            # Still decoding (it is as long as the context allows): closing its stream makes vLLM abort it.
+            leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leading
         return answers
 
 

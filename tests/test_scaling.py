@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mmap
 import time
 
 import pytest
@@ -180,9 +181,15 @@ def test_the_factorisation_reuses_the_spectrums_sketch_and_gets_the_same_factors
 def test_the_meter_reports_each_stages_time_and_peak_memory():
     meter = Meter(CPU)
     with meter.stage("allocate"):
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        # 64 MiB of fresh anonymous pages, touched: mapped directly, because an allocator (glibc's, or a preloaded
+        # tcmalloc) may serve a tensor from memory an earlier test freed but kept resident.
+        block = mmap.mmap(
+            -1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        )  # private: RssAnon, not shmem
+        for page in range(0, len(block), mmap.PAGESIZE):
+            block[page] = 1
         time.sleep(0.2)  # several of the anonymous-memory sampler's 20 ms periods
-        del block
+        block.close()
     with meter.stage("idle"):
         pass
     stages = meter.as_dict()["stages"]

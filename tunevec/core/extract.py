@@ -261,17 +261,7 @@ def extract(
                     grown[name_]["added_rows_norm"] = float(added.norm())
                     w_tuned = w_tuned[: shape[0]]
                 tau = w_tuned.sub_(w_base)
-                role = classify(name_, base.architecture)
-                entries[name_] = TensorEntry(
-                    name=name_,
-                    shape=list(shape),
-                    role=role.role,
-                    layer=role.layer,
-                    module=role.module,
-                    norm=float(tau.norm()),
-                    base_norm=float(w_base.norm()),
-                    sha256="",
-                )
+                entries[name_] = _entry(name_, shape, tau, w_base, base.architecture)
                 if torch_dtype == torch.float32:
                     stored = tau
                 else:
@@ -396,17 +386,7 @@ class _DeviceStep:
             grown["added_rows_norm"] = float(w_tuned[shape[0] :].norm())
             w_tuned = w_tuned[: shape[0]]
         tau = w_tuned.sub_(w_base)
-        role = classify(name, base.architecture)
-        entry = TensorEntry(
-            name=name,
-            shape=list(shape),
-            role=role.role,
-            layer=role.layer,
-            module=role.module,
-            norm=float(tau.norm()),
-            base_norm=float(w_base.norm()),
-            sha256="",
-        )
+        entry = _entry(name, shape, tau, w_base, base.architecture)
         if out_dtype == torch.float32:
             stored_dev = tau
         else:
@@ -416,6 +396,21 @@ class _DeviceStep:
         stored = host.get(f"out{i % 2}", out_dtype, shape)
         stored.copy_(stored_dev)
         return entry, stored
+
+
+def _entry(name: str, shape, tau: torch.Tensor, w_base: torch.Tensor, architecture: str) -> TensorEntry:  # noqa: ANN001
+    """The manifest entry of one tensor of tau (its sha256 is filled in once its bytes are written)."""
+    role = classify(name, architecture)
+    return TensorEntry(
+        name=name,
+        shape=list(shape),
+        role=role.role,
+        layer=role.layer,
+        module=role.module,
+        norm=float(tau.norm()),
+        base_norm=float(w_base.norm()),
+        sha256="",
+    )
 
 
 def _stored_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:

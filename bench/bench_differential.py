@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from differential import Config, run_config, serve  # noqa: E402
+from differential import Config, activation_vectors, run_config, serve  # noqa: E402
 
 CONFIGS = [
     Config("float32"),
@@ -44,12 +44,15 @@ def main() -> int:
     from tunevec.fixtures import build_fixtures
 
     fixtures = build_fixtures("tiny", artifacts_dir() / "fixtures-tiny", seed=0)
-    vectors = extracted_vectors(fixtures, artifacts_dir() / "vectors-tiny")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    # The tiny vectors plus the activation vector the harness's mixtures name (derived from medical).
+    vectors = activation_vectors(
+        fixtures, extracted_vectors(fixtures, artifacts_dir() / "vectors-tiny"), args.workdir / "vectors"
+    )
     tok = AutoTokenizer.from_pretrained(fixtures / "base")
     long = " ".join(["The patient was given the brand name drug and its generic equivalent."] * 8)
     prompts = [tok(t)["input_ids"] for t in ("The diagnosis typhoid meningitis is coded", long)]
     chosen = [c for c in CONFIGS if not args.configs or c.name in args.configs]
-    args.workdir.mkdir(parents=True, exist_ok=True)
     sections, failed = [], []
     for config in chosen:
         t0 = time.monotonic()

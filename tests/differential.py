@@ -91,6 +91,7 @@ def activation_vectors(fixtures: Path, vectors: Path, out: Path) -> Path:
 
 GENERATED_TOKENS = 12
 MAX_MODEL_LEN = 512
+BATCH_SETTLE_S = 1.0  # how long a batch's requests have to reach the paused engine (see _send)
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,9 @@ class Config:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
         if self.tensor_parallel > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(self.tensor_parallel))
-        if self.fault_extension:
-            env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM's /collective_rpc, through which the fault is planted
+        # vLLM's dev-mode routes: /pause and /resume release each batch at once (_send), /collective_rpc plants
+        # the fault (fault_extension).
+        env["VLLM_SERVER_DEV_MODE"] = "1"
         return env
 
 
@@ -181,15 +183,22 @@ def _answer(payload: dict, prompt: list[int], kind: str) -> Answer:
 async def _send(
     url: str, requests: list[tuple[str, tuple[int, ...], str]], lead: bool = False
 ) -> list[Answer]:
-    """The requests at once; with ``lead``, while a long base generation is running from before the first of them
-    until after the last, so that the batch shares engine steps with base tokens whatever its own timing."""
+    """The requests; several at once share engine steps, whatever the load on the machine.
+
+    On a busy machine the front end can hand requests to the engine more slowly than the engine finishes them, and
+    a "batch" then runs one request at a time. So a batch is sent while the scheduler is paused (vLLM's dev-mode
+    ``/pause?mode=keep``: requests queue, nothing steps) and released at once with ``/resume``. With ``lead``, a
+    long base generation is decoding before the pause and until the batch is answered, so base tokens share the
+    batch's steps too."""
     async with httpx.AsyncClient(timeout=600) as client:
 
-        async def one(model: str, prompt: tuple[int, ...], kind: str) -> Answer | None:
+        async def one(model: str, prompt: tuple[int, ...], kind: str) -> Answer:
             r = await client.post(url + "/v1/completions", json=_body(model, list(prompt), kind))
             assert r.status_code == 200, f"{model}: {r.status_code} {r.text[:500]}"
-            return None if kind == "lead" else _answer(r.json(), prompt, kind)
+            return _answer(r.json(), prompt, kind)
 
+        if len(requests) == 1 and not lead:
+            return [await one(*requests[0])]
         leading = None
         if lead:
             started = asyncio.Event()
@@ -199,12 +208,18 @@ async def _send(
                 async with client.stream("POST", url + "/v1/completions", json=body) as r:
                     assert r.status_code == 200, await r.aread()
                     async for _ in r.aiter_lines():
-                        started.set()  # decoding: the batch below shares its steps with base tokens
+                        started.set()  # decoding
                 started.set()
 
             leading = asyncio.ensure_future(lead_generation())
             await asyncio.wait_for(started.wait(), 300)
-        answers = await asyncio.gather(*(one(*req) for req in requests))
+        (await client.post(url + "/pause", params={"mode": "keep"})).raise_for_status()
+        try:
+            pending = [asyncio.ensure_future(one(*req)) for req in requests]
+            await asyncio.sleep(BATCH_SETTLE_S)  # the front end hands every request to the paused engine
+        finally:
+            (await client.post(url + "/resume")).raise_for_status()
+        answers = await asyncio.gather(*pending)
         if leading is not None:
             # Still decoding (it is as long as the context allows): closing its stream makes vLLM abort it.
             leading.cancel()

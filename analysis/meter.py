@@ -20,26 +20,24 @@ import torch
 from tunevec.analysis.options import format_size
 
 
-def _read_hwm() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of /proc/self/status (``VmHWM``, ``RssAnon``...) in bytes, None where it cannot be read."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _read_hwm() -> int | None:
+    return _status_bytes("VmHWM")
 
 
 def _read_anon() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _status_bytes("RssAnon")
 
 
 class _AnonPeak:

@@ -95,15 +95,14 @@ class NormWithDeltas(nn.Module):
             if delta is None:
                 continue
             rows = slice(run.start * per_token, run.stop * per_token)
-            n = self._normalised(xs[rows].float())
-            dw, db = delta
-            change = n * dw if db is None else torch.addcmul(db, n, dw)
-            ys[rows] += change.to(ys.dtype)
+            ys[rows] += self._change(xs[rows].float(), *delta).to(ys.dtype)
 
-    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+    def _change(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+        """``n(x) * dw + db`` in float32, one fused torch op per norm (this runs per norm and per step)."""
         if self.kind == "rms":
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+            change = F.rms_norm(x, (x.shape[-1],), dw, self.eps)
+            return change if db is None else change.add_(db)
+        return F.layer_norm(x, (x.shape[-1],), dw, db, self.eps)
 
 
 def rows_per_token(rows: int, plan: Any, where: str) -> int:

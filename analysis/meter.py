@@ -32,14 +32,6 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-def _read_hwm() -> int | None:
-    return _status_bytes("VmHWM")
-
-
-def _read_anon() -> int | None:
-    return _status_bytes("RssAnon")
-
-
 class _AnonPeak:
     """The largest anonymous resident memory (RssAnon) seen while running, sampled every 20 ms by a thread.
 
@@ -48,21 +40,21 @@ class _AnonPeak:
     than the sampling interval can be missed."""
 
     def __init__(self) -> None:
-        self.peak = _read_anon()
+        self.peak = _status_bytes("RssAnon")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tunevec-meter")
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            now = _read_anon()
+            now = _status_bytes("RssAnon")
             if now is not None and (self.peak is None or now > self.peak):
                 self.peak = now
 
     def stop(self) -> int | None:
         self._stop.set()
         self._thread.join()
-        values = [v for v in (self.peak, _read_anon()) if v is not None]
+        values = [v for v in (self.peak, _status_bytes("RssAnon")) if v is not None]
         return max(values) if values else None
 
 
@@ -99,7 +91,7 @@ class Meter:
             seconds = time.perf_counter() - t0
             self.stages[name] = {
                 "seconds": round(seconds, 3),
-                "peak_rss_bytes": _read_hwm(),
+                "peak_rss_bytes": _status_bytes("VmHWM"),
                 "peak_anon_bytes": anon.stop(),
                 "rss_scope": "stage" if scoped else "process",
                 "peak_device_bytes": int(torch.cuda.max_memory_allocated(self.device)) if cuda else None,

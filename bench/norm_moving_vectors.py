@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(tuned.glob("*.safetensors")):
         tensors = load_file(path)
         for name, w in tensors.items():
-            if classify(name, "LlamaForCausalLM").role == "norm":
+            if classify(name).role == "norm":  # every family's table
                 z = torch.randn(w.shape, generator=gen)
                 tensors[name] = (w.float() * (1 + args.scale * z)).to(w.dtype)
                 moved += 1
         save_file(tensors, path, metadata={"format": "pt"})
     if not moved:
-        sys.exit("no norm weights found: is this a Llama-family checkpoint?")
+        sys.exit(f"no norm weights found in {args.fixtures / 'medical'}")
     vectors = args.out / "vectors"
     shutil.rmtree(vectors, ignore_errors=True)
     vectors.mkdir(parents=True)

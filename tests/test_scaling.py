@@ -182,10 +182,9 @@ def test_the_meter_reports_each_stages_time_and_peak_memory():
     meter = Meter(CPU)
     with meter.stage("allocate"):
         # 64 MiB of fresh anonymous pages, touched: mapped directly, because an allocator (glibc's, or a preloaded
-        # tcmalloc) may serve a tensor from memory an earlier test freed but kept resident.
-        block = mmap.mmap(
-            -1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        )  # private: RssAnon, not shmem
+        # tcmalloc) may serve a tensor from memory an earlier test freed but kept resident; private, because a
+        # shared mapping counts as shmem, not RssAnon.
+        block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         for page in range(0, len(block), mmap.PAGESIZE):
             block[page] = 1
         time.sleep(0.2)  # several of the anonymous-memory sampler's 20 ms periods

@@ -82,40 +82,37 @@ def _expected(x: torch.Tensor, base_out: torch.Tensor, deltas: dict, norm) -> to
     return want
 
 
-def test_an_rms_norm_uses_each_tokens_own_weights():
-    base = nn.RMSNorm(DIM, eps=EPS)
-    with torch.no_grad():
-        base.weight.copy_(torch.randn(DIM))
-    assert norm_kind(base) == "rms"
-    deltas = _deltas(with_bias=False)
-    wrapped = NormWithDeltas(base, "model.norm", FakeState(PLAN, deltas))
-    x = torch.randn(PLAN.num_rows, DIM)
-    base_out = base(x)
-    got = wrapped(x)
-    want = _expected(x, base_out, deltas, lambda xs, dw, db: _rms(xs, base.weight + dw))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[3:8], base_out[3:8])  # base tokens and a slot without deltas: untouched
+def _rms_norm() -> nn.Module:
+    return nn.RMSNorm(DIM, eps=EPS)
 
 
-def test_a_layer_norm_moves_weight_and_bias_per_token():
-    base = nn.LayerNorm(DIM, eps=EPS)
+def _layer_norm() -> nn.Module:
+    return nn.LayerNorm(DIM, eps=EPS)
+
+
+def _with_summed_weights(base: nn.Module):  # noqa: ANN202
+    """The norm ``base`` would be with its weight moved by ``dw`` and its bias (if any) by ``db``."""
+    if isinstance(base, nn.LayerNorm):
+        return lambda xs, dw, db: nn.functional.layer_norm(xs, (DIM,), base.weight + dw, base.bias + db, EPS)
+    return lambda xs, dw, db: _rms(xs, base.weight + dw)
+
+
+@pytest.mark.parametrize(("make", "kind"), [(_rms_norm, "rms"), (_layer_norm, "layer")], ids=["rms", "layer"])
+def test_a_norm_uses_each_tokens_own_weights_and_bias(make, kind):
+    base = make()
     with torch.no_grad():
-        base.weight.copy_(torch.randn(DIM))
-        base.bias.copy_(torch.randn(DIM))
-    assert norm_kind(base) == "layer"
-    deltas = _deltas(with_bias=True)
+        for p in base.parameters():
+            p.copy_(torch.randn(DIM))
+    assert norm_kind(base) == kind
+    deltas = _deltas(with_bias=kind == "layer")  # an RMS norm has no bias
     wrapped = NormWithDeltas(base, "model.layers.0.input_layernorm", FakeState(PLAN, deltas))
     x = torch.randn(PLAN.num_rows, DIM)
     base_out = base(x)
     got = wrapped(x)
-    want = _expected(
-        x,
-        base_out,
-        deltas,
-        lambda xs, dw, db: nn.functional.layer_norm(xs, (DIM,), base.weight + dw, base.bias + db, EPS),
+    torch.testing.assert_close(
+        got, _expected(x, base_out, deltas, _with_summed_weights(base)), atol=1e-5, rtol=1e-5
     )
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[3:8], base_out[3:8])
+    assert torch.equal(got[3:8], base_out[3:8])  # base tokens and a slot without deltas: untouched
 
 
 def test_the_fused_add_and_norm_normalises_the_new_residual():

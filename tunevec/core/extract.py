@@ -398,7 +398,9 @@ class _DeviceStep:
         return entry, stored
 
 
-def _entry(name: str, shape, tau: torch.Tensor, w_base: torch.Tensor, architecture: str) -> TensorEntry:  # noqa: ANN001
+def _entry(
+    name: str, shape: tuple[int, ...] | list[int], tau: torch.Tensor, w_base: torch.Tensor, architecture: str
+) -> TensorEntry:
     """The manifest entry of one tensor of tau (its sha256 is filled in once its bytes are written)."""
     role = classify(name, architecture)
     return TensorEntry(
